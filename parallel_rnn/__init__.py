@@ -1,0 +1,20 @@
+"""parallel_rnn: evaluate nonlinear RNNs in parallel over the sequence length."""
+
+import importlib.metadata
+
+from . import cells as cells
+from ._scan import dense_recurrence as dense_recurrence, diagonal_recurrence as diagonal_recurrence
+from ._sequential import solve_sequential as solve_sequential
+from ._solution import Solution as Solution
+from ._solve import solve_parallel as solve_parallel
+from ._solver import (
+    DEER as DEER,
+    AbstractLinearisedSolver as AbstractLinearisedSolver,
+    AbstractSolver as AbstractSolver,
+    Jacobi as Jacobi,
+    Picard as Picard,
+    QuasiDEER as QuasiDEER,
+)
+
+
+__version__ = importlib.metadata.version("parallel_rnn")

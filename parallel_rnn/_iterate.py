@@ -1,0 +1,73 @@
+"""The iteration loop shared by the forward solve and the adjoint solve."""
+
+import equinox as eqx
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+from ._problem import Problem
+from ._solver.base import AbstractSolver, Iterate
+
+
+class Status(eqx.Module):
+    """Convergence bookkeeping of one iterate, all computed from `states - fs`."""
+
+    converged: Bool[Array, ""]
+    frontier: Int[Array, ""]  # first time index whose residual is out of tolerance
+    residual: Float[Array, ""]  # max-norm of the residual (inf if not finite)
+    stalled: Bool[Array, ""]  # f is not finite right after the converged prefix
+
+
+def assess(iterate: Iterate, rtol: float, atol: float) -> Status:
+    r = jnp.abs(iterate.states - iterate.fs)
+    ok = jnp.all(r <= atol + rtol * jnp.abs(iterate.states), axis=1)  # NaN -> not ok
+    converged = jnp.all(ok)
+    frontier = jnp.argmin(ok).astype(jnp.int32)
+    residual = jnp.max(jnp.where(jnp.isnan(r), jnp.inf, r))
+    # The prefix before `frontier` is exact; if f of it is not finite, the true
+    # trajectory itself is not (NaN inputs, overflow), and no iteration can help.
+    stalled = ~converged & ~jnp.all(jnp.isfinite(iterate.fs[frontier]))
+    return Status(converged, frontier, residual, stalled)
+
+
+class Outcome(eqx.Module):
+    states: Float[Array, "T D"]
+    num_steps: Int[Array, ""]
+    converged: Bool[Array, ""]
+    residual: Float[Array, ""]
+    trace: Float[Array, " max_steps"] | None
+
+
+def iterate(
+    problem: Problem,
+    solver: AbstractSolver,
+    guess: Float[Array, "T D"],
+    *,
+    rtol: float,
+    atol: float,
+    max_steps: int,
+    trace: bool,
+) -> Outcome:
+    """Run `solver` from `guess` until the residual meets the tolerance.
+
+    Stops after `max_steps` iterations, or as soon as no progress is possible.
+    """
+    it, solver_state = solver.init(problem, guess)
+    status = assess(it, rtol, atol)
+    history = jnp.full((max_steps,), jnp.nan, guess.dtype) if trace else None
+
+    def cond(carry):
+        _, _, n, status, _ = carry
+        return ~status.converged & ~status.stalled & (n < max_steps)
+
+    def body(carry):
+        it, solver_state, n, status, history = carry
+        it, solver_state = solver.step(problem, it, solver_state, status.frontier)
+        status = assess(it, rtol, atol)
+        if history is not None:
+            history = history.at[n].set(status.residual.astype(history.dtype))
+        return it, solver_state, n + 1, status, history
+
+    carry = (it, solver_state, jnp.array(0, jnp.int32), status, history)
+    it, _, n, status, history = lax.while_loop(cond, body, carry)
+    return Outcome(it.states, n, status.converged, status.residual, history)

@@ -1,0 +1,157 @@
+"""The recurrence as the solvers see it: a cell on flat `(D,)` states.
+
+Every solver works on a trajectory stored as one `(T, D)` array. `StateSpec` maps
+the user's state pytree to that flat vector and back, and `Problem` bundles the
+flat cell with the inputs and the initial state, offering the batched evaluations
+(the cell over all `T` steps, with its dense Jacobian or its diagonal) that each
+solver iteration needs.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PyTree
+
+
+class StateSpec(eqx.Module):
+    """Static description of a state pytree: its structure, leaf shapes and dtype."""
+
+    treedef: Any = eqx.field(static=True)
+    shapes: tuple[tuple[int, ...], ...] = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+
+    @property
+    def size(self) -> int:
+        return int(sum(int(np.prod(s)) for s in self.shapes))
+
+    def ravel(self, tree: PyTree) -> Float[Array, " D"]:
+        """State pytree -> `(D,)` vector."""
+        leaves = jax.tree_util.tree_leaves(tree)
+        return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]).astype(self.dtype)
+
+    def unravel(self, flat: Float[Array, " D"]) -> PyTree:
+        """`(D,)` vector -> state pytree."""
+        leaves, start = [], 0
+        for shape in self.shapes:
+            n = int(np.prod(shape))
+            leaves.append(flat[start : start + n].reshape(shape))
+            start += n
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def ravel_trajectory(self, tree: PyTree) -> Float[Array, "T D"]:
+        """Trajectory pytree (leaves with leading `T`) -> `(T, D)`."""
+        leaves = jax.tree_util.tree_leaves(tree)
+        T = leaves[0].shape[0]
+        return jnp.concatenate([leaf.reshape(T, -1) for leaf in leaves], axis=1).astype(
+            self.dtype
+        )
+
+    def unravel_trajectory(self, flat: Float[Array, "T D"]) -> PyTree:
+        """`(T, D)` -> trajectory pytree with leading `T` on every leaf."""
+        return jax.vmap(self.unravel)(flat)
+
+
+def make_spec(tree: PyTree) -> StateSpec:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    dtype = jnp.result_type(*leaves)
+    return StateSpec(treedef, tuple(tuple(jnp.shape(leaf)) for leaf in leaves), dtype)
+
+
+class FlatCell(eqx.Module):
+    """`cell(x_t, state_pytree)` seen as `(x_t, (D,)) -> (D,)`.
+
+    `diag` is the cell's analytic `diagonal_jacobian` in the same flat form, or
+    `None` when the cell has none (autodiff is used then).
+    """
+
+    cell: Callable
+    diag: Callable | None
+    spec: StateSpec
+
+    def __call__(self, x_t: PyTree, s: Float[Array, " D"]) -> Float[Array, " D"]:
+        return self.spec.ravel(self.cell(x_t, self.spec.unravel(s)))
+
+    def diagonal(self, x_t: PyTree, s: Float[Array, " D"]) -> Float[Array, " D"]:
+        if self.diag is None:
+            raise ValueError("this cell has no analytic diagonal_jacobian")
+        return self.spec.ravel(self.diag(x_t, self.spec.unravel(s)))
+
+
+class Problem(eqx.Module):
+    """One recurrence to solve: flat cell, inputs (leading axis `T`), `s_0`.
+
+    All batched methods take the whole trajectory `states = (s_1..s_T)` and
+    evaluate the cell at the shifted trajectory `(s_0..s_{T-1})`.
+    """
+
+    fn: FlatCell
+    inputs: PyTree
+    init: Float[Array, " D"]
+
+    @property
+    def length(self) -> int:
+        return jax.tree_util.tree_leaves(self.inputs)[0].shape[0]
+
+    def shift(self, states: Float[Array, "T D"]) -> Float[Array, "T D"]:
+        """`(s_1..s_T) -> (s_0..s_{T-1})`."""
+        return jnp.concatenate([self.init[None], states[:-1]], axis=0)
+
+    def evaluate(self, states: Float[Array, "T D"]) -> Float[Array, "T D"]:
+        """`f(x_t, s_{t-1})` for every `t`: one batched cell evaluation."""
+        return jax.vmap(self.fn)(self.inputs, self.shift(states))
+
+    def linearise_dense(
+        self, states: Float[Array, "T D"]
+    ) -> tuple[Float[Array, "T D"], Float[Array, "T D D"]]:
+        """`f(x_t, s_{t-1})` and `A_t = ∂f/∂s(x_t, s_{t-1})`, sharing one primal pass."""
+
+        def one(x, s):
+            # jacfwd with has_aux returns the primal computed inside the JVPs, so
+            # the cell is evaluated once, not once more for the value.
+            def both(s_):
+                out = self.fn(x, s_)
+                return out, out
+
+            jac, value = jax.jacfwd(both, has_aux=True)(s)
+            return value, jac
+
+        return jax.vmap(one)(self.inputs, self.shift(states))
+
+    def linearise_diagonal(
+        self, states: Float[Array, "T D"]
+    ) -> tuple[Float[Array, "T D"], Float[Array, "T D"]]:
+        """`f(x_t, s_{t-1})` and the diagonal of `∂f/∂s`, never materialising `T×D×D`."""
+        prev = self.shift(states)
+        fs = jax.vmap(self.fn)(self.inputs, prev)
+        return fs, self.diagonal_at(prev)
+
+    def diagonal_at(self, prev: Float[Array, "T D"]) -> Float[Array, "T D"]:
+        """Diagonal of `∂f/∂s` at the given predecessors `prev = (s_0..s_{T-1})`."""
+        if self.fn.diag is not None:
+            return jax.vmap(self.fn.diagonal)(self.inputs, prev)
+        return autodiff_diagonal(self.fn, self.inputs, prev)
+
+
+def autodiff_diagonal(
+    fn: Callable, inputs: PyTree, prev: Float[Array, "T D"]
+) -> Float[Array, "T D"]:
+    """Jacobian diagonal by one JVP per state dimension.
+
+    Each pass pushes the basis vector `e_i` through the cell at every time step
+    and keeps component `i`, so memory stays `O(T·D)`; the price is `D` passes,
+    which is why cells should define `diagonal_jacobian`.
+    """
+    T, D = prev.shape
+
+    def column(i):
+        e = jnp.zeros((D,), prev.dtype).at[i].set(1)
+        tangent = jax.vmap(lambda x, s: jax.jvp(lambda s_: fn(x, s_), (s,), (e,))[1])(
+            inputs, prev
+        )
+        return tangent[:, i]
+
+    return jax.lax.map(column, jnp.arange(D)).T

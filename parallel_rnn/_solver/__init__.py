@@ -1,0 +1,8 @@
+from .base import (
+    AbstractLinearisedSolver as AbstractLinearisedSolver,
+    AbstractSolver as AbstractSolver,
+    Iterate as Iterate,
+    safeguard as safeguard,
+)
+from .deer import DEER as DEER, QuasiDEER as QuasiDEER
+from .picard import Jacobi as Jacobi, Picard as Picard

@@ -1,0 +1,1 @@
+"""Recurrent cells with the `cell(input_t, state) -> new_state` signature."""
