@@ -1,0 +1,110 @@
+"""Shared plumbing of the studies: arguments, timing, memory, CSV, tables, plots."""
+
+import argparse
+import csv
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every study takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes, for a CPU in minutes")
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for CSV and PNG")
+    p.add_argument("--reps", type=int, default=None, help="timing repetitions (median is kept)")
+    return p
+
+
+def time_fn(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """Median and spread (max - min) in seconds of `fn()`, after compilation.
+
+    `fn` must return JAX arrays; we block on them so asynchronous dispatch does
+    not hide the work.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), max(times) - min(times)
+
+
+def compiled_memory(jitted: Callable, *args, **kwargs) -> int | None:
+    """Peak bytes of a jitted function's executable (temporaries + outputs + args).
+
+    From XLA's memory analysis of the compiled program; `None` where the backend
+    does not report it.
+    """
+    try:
+        analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    except Exception:  # some backends/versions do not implement it
+        return None
+    if analysis is None:
+        return None
+    return int(
+        analysis.temp_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.argument_size_in_bytes
+        - getattr(analysis, "alias_size_in_bytes", 0)
+    )
+
+
+def device_peak_bytes() -> int | None:
+    """The device allocator's peak bytes in use (GPU), or `None` (CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats:
+        return None
+    return stats.get("peak_bytes_in_use")
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """A plain-text table (also valid Markdown) of `rows`."""
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def progress(iterable: Iterable, **kwargs) -> Iterable:
+    """A tqdm progress bar when tqdm is installed, the bare iterable otherwise."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+def pyplot():
+    """Matplotlib's pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
