@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import equinox as eqx
 import jax
 
 
@@ -36,15 +37,22 @@ def time_fn(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> tuple[floa
     return statistics.median(times), max(times) - min(times)
 
 
-def compiled_memory(jitted: Callable, *args, **kwargs) -> int | None:
-    """Peak bytes of a jitted function's executable (temporaries + outputs + args).
+def compiled_memory(fn: Callable, *args, **kwargs) -> int | None:
+    """Peak bytes of `fn(*args, **kwargs)` compiled by XLA (temporaries + outputs + args).
 
-    From XLA's memory analysis of the compiled program; `None` where the backend
-    does not report it.
+    `fn` may be any function of pytrees (an `eqx.filter_jit` one too): the arrays
+    in the arguments become the jitted inputs, everything else is static. Nothing
+    is run. `None` where the backend does not report a memory analysis.
     """
+    dynamic, static = eqx.partition((args, kwargs), eqx.is_array)
+
+    def call(dynamic):
+        a, k = eqx.combine(dynamic, static)
+        return fn(*a, **k)
+
     try:
-        analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
-    except Exception:  # some backends/versions do not implement it
+        analysis = jax.jit(call).lower(dynamic).compile().memory_analysis()
+    except NotImplementedError:
         return None
     if analysis is None:
         return None

@@ -1,0 +1,112 @@
+"""Per-iteration cost of every solver against its floor: one batched cell evaluation.
+
+    python -m experiments.bench_solvers [--quick] [--cells gru lstm] [--D 4 16 64] [--T 10000 100000]
+
+For each cell, D and T (float32) it prints, measured in one run: the time of one
+batched cell evaluation over all T steps (`jax.vmap`), of the sequential scan,
+and for each solver the total solve time, iterations, marginal time per iteration
+((t(n) - t(1)) / (n - 1)), the ratios per-iteration / batched evaluation and
+total / sequential, and the peak memory of the compiled solve as a ratio to
+T·D·4 bytes (quasi solvers) or T·D²·4 bytes (dense solvers).
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import parallel_rnn as prnn
+
+from ._common import compiled_memory, format_table, parser, progress, time_fn, write_csv
+
+
+DENSE = ("DEER", "ELK")
+SOLVERS = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Jacobi")
+
+
+def make_cell(kind: str, D: int, key):
+    cells = prnn.cells
+    if kind == "gru":
+        return cells.GRU(4, D, key=key) if hasattr(cells, "GRU") else eqx.nn.GRUCell(4, D, key=key)
+    if kind == "lstm":
+        if hasattr(cells, "LSTM"):
+            return cells.LSTM(4, D, key=key)
+        return eqx.nn.LSTMCell(4, D, key=key)
+    raise ValueError(f"unknown cell {kind!r}")
+
+
+def init_state(kind: str, D: int):
+    h = jnp.zeros(D, jnp.float32)
+    return (h, h) if kind == "lstm" else h
+
+
+def bench_one(kind, D, T, reps, max_dense_bytes):
+    cell = make_cell(kind, D, jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (T, 4), jnp.float32)
+    s0 = init_state(kind, D)
+    D_flat = 2 * D if kind == "lstm" else D
+    traj = prnn.solve_sequential(cell, xs, s0)
+    prev = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b[:-1]]), s0, traj)
+
+    batched = eqx.filter_jit(lambda c, x, p: jax.vmap(c)(x, p))
+    t_eval, _ = time_fn(lambda: batched(cell, xs, prev), reps)
+    seq = eqx.filter_jit(prnn.solve_sequential)
+    t_seq, _ = time_fn(lambda: seq(cell, xs, s0), reps)
+    rows = []
+    for name in SOLVERS:
+        if not hasattr(prnn, name):
+            continue
+        solver = getattr(prnn, name)()
+        row = dict(cell=kind, D=D, T=T, solver=name, eval_ms=1e3 * t_eval, seq_ms=1e3 * t_seq)
+        dense = name in DENSE
+        unit = T * D_flat * (D_flat if dense else 1) * 4
+        if dense and unit > max_dense_bytes:
+            rows.append(dict(row, status="skipped (dense arrays too large)"))
+            continue
+        run = lambda n: prnn.solve_parallel(cell, xs, s0, solver, max_steps=n, throw=False)
+        sol = run(T)
+        n = int(sol.num_steps)
+        t_total, spread = time_fn(lambda: run(T), reps)
+        t_one, _ = time_fn(lambda: run(1), reps)
+        per_iter = (t_total - t_one) / (n - 1) if n > 1 else t_total
+        mem = compiled_memory(prnn.solve_parallel, cell, xs, s0, solver, throw=False)
+        rows.append(dict(
+            row,
+            status="ok" if bool(sol.converged) else "not converged",
+            iterations=n,
+            total_ms=1e3 * t_total,
+            spread_ms=1e3 * spread,
+            per_iter_ms=1e3 * per_iter,
+            per_iter_over_eval=per_iter / t_eval,
+            total_over_seq=t_total / t_seq,
+            mem_MB=None if mem is None else mem / 1e6,
+            mem_over_unit=None if mem is None else mem / unit,
+            unit="T*D^2*4" if dense else "T*D*4",
+        ))
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    p = parser(__doc__)
+    p.add_argument("--cells", nargs="+", default=["gru", "lstm"])
+    p.add_argument("--D", nargs="+", type=int, default=None)
+    p.add_argument("--T", nargs="+", type=int, default=None)
+    p.add_argument("--max-dense-gb", type=float, default=2.0)
+    args = p.parse_args(argv)
+    Ds = args.D or ([4, 16] if args.quick else [4, 16, 64])
+    Ts = args.T or ([10_000] if args.quick else [10_000, 100_000])
+    reps = args.reps or (3 if args.quick else 5)
+    grid = [(c, D, T) for c in args.cells for D in Ds for T in Ts]
+    rows = []
+    for kind, D, T in progress(grid, desc="configurations"):
+        rows += bench_one(kind, D, T, reps, args.max_dense_gb * 1e9)
+    cols = ["cell", "D", "T", "solver", "status", "iterations", "total_ms", "per_iter_ms",
+            "eval_ms", "per_iter_over_eval", "seq_ms", "total_over_seq", "mem_MB",
+            "mem_over_unit", "unit"]
+    print(f"\nfloat32, backend={jax.default_backend()}")
+    print(format_table(rows, cols))
+    write_csv(args.out / "bench_solvers.csv", [{c: r.get(c, "") for c in cols} for r in rows])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
