@@ -10,13 +10,23 @@ total / sequential, and the peak memory of the compiled solve as a ratio to
 T·D·4 bytes (quasi solvers) or T·D²·4 bytes (dense solvers).
 """
 
+import argparse
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 import parallel_rnn as prnn
 
-from ._common import compiled_memory, format_table, parser, progress, time_fn, write_csv
+from ._common import (
+    compiled_memory,
+    format_table,
+    parser,
+    progress,
+    pyplot,
+    time_fn,
+    write_csv,
+)
 
 
 DENSE = ("DEER", "ELK")
@@ -24,13 +34,13 @@ SOLVERS = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Jacobi")
 
 
 def make_cell(kind: str, D: int, key):
-    cells = prnn.cells
+    cells, f32 = prnn.cells, jnp.float32
     if kind == "gru":
-        return cells.GRU(4, D, key=key) if hasattr(cells, "GRU") else eqx.nn.GRUCell(4, D, key=key)
+        cls = getattr(cells, "GRU", eqx.nn.GRUCell)
+        return cls(4, D, key=key, dtype=f32)
     if kind == "lstm":
-        if hasattr(cells, "LSTM"):
-            return cells.LSTM(4, D, key=key)
-        return eqx.nn.LSTMCell(4, D, key=key)
+        cls = getattr(cells, "LSTM", eqx.nn.LSTMCell)
+        return cls(4, D, key=key, dtype=f32)
     raise ValueError(f"unknown cell {kind!r}")
 
 
@@ -39,7 +49,7 @@ def init_state(kind: str, D: int):
     return (h, h) if kind == "lstm" else h
 
 
-def bench_one(kind, D, T, reps, max_dense_bytes):
+def bench_one(kind, D, T, reps, max_dense_bytes, solvers=SOLVERS):
     cell = make_cell(kind, D, jax.random.key(0))
     xs = jax.random.normal(jax.random.key(1), (T, 4), jnp.float32)
     s0 = init_state(kind, D)
@@ -52,7 +62,7 @@ def bench_one(kind, D, T, reps, max_dense_bytes):
     seq = eqx.filter_jit(prnn.solve_sequential)
     t_seq, _ = time_fn(lambda: seq(cell, xs, s0), reps)
     rows = []
-    for name in SOLVERS:
+    for name in solvers:
         if not hasattr(prnn, name):
             continue
         solver = getattr(prnn, name)()
@@ -91,21 +101,50 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--D", nargs="+", type=int, default=None)
     p.add_argument("--T", nargs="+", type=int, default=None)
     p.add_argument("--max-dense-gb", type=float, default=2.0)
+    p.add_argument("--solvers", nargs="+", default=list(SOLVERS))
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.smoke:
+        args.cells, args.D, args.T, args.reps = ["gru"], [2], [64], 1
+        args.solvers = ["DEER", "QuasiDEER"]
     Ds = args.D or ([4, 16] if args.quick else [4, 16, 64])
     Ts = args.T or ([10_000] if args.quick else [10_000, 100_000])
     reps = args.reps or (3 if args.quick else 5)
     grid = [(c, D, T) for c in args.cells for D in Ds for T in Ts]
     rows = []
     for kind, D, T in progress(grid, desc="configurations"):
-        rows += bench_one(kind, D, T, reps, args.max_dense_gb * 1e9)
+        rows += bench_one(kind, D, T, reps, args.max_dense_gb * 1e9, args.solvers)
     cols = ["cell", "D", "T", "solver", "status", "iterations", "total_ms", "per_iter_ms",
             "eval_ms", "per_iter_over_eval", "seq_ms", "total_over_seq", "mem_MB",
             "mem_over_unit", "unit"]
     print(f"\nfloat32, backend={jax.default_backend()}")
     print(format_table(rows, cols))
     write_csv(args.out / "bench_solvers.csv", [{c: r.get(c, "") for c in cols} for r in rows])
+    plot(rows, args.out / "bench_solvers.png")
     return rows
+
+
+def plot(rows: list[dict], path) -> None:
+    """Per-iteration time over one batched evaluation, per configuration and solver."""
+    plt = pyplot()
+    done = [r for r in rows if "per_iter_over_eval" in r]
+    configs = sorted({(r["cell"], r["D"], r["T"]) for r in done})
+    solvers = sorted({r["solver"] for r in done})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(configs)), 4))
+    width = 0.8 / max(1, len(solvers))
+    for k, name in enumerate(solvers):
+        ys = [next((r["per_iter_over_eval"] for r in done
+                    if (r["cell"], r["D"], r["T"]) == c and r["solver"] == name), float("nan"))
+              for c in configs]
+        ax.bar([i + k * width for i in range(len(configs))], ys, width, label=name)
+    ax.axhline(2.0, color="k", ls="--", lw=1, label="target (2x)")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
+    ax.set_xticklabels([f"{c} D={d}\nT={t}" for c, d, t in configs], fontsize=8)
+    ax.set_ylabel("time per iteration / batched cell evaluation")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ for each solver (float32, D=16, T=10000), and writes `quickstart.csv` and
 `quickstart.png` (residual vs iteration).
 """
 
+import argparse
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -32,9 +34,10 @@ def main(argv=None) -> list[dict]:
         "--max-steps", type=int, default=300,
         help="iteration cap (Picard needs ~T iterations on a GRU; it shows as not converged)",
     )
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    T = 1000 if args.quick else args.T
-    reps = args.reps or (3 if args.quick else 5)
+    T = 50 if args.smoke else 1000 if args.quick else args.T
+    reps = 1 if args.smoke else args.reps or (3 if args.quick else 5)
 
     cell = eqx.nn.GRUCell(4, args.D, key=jax.random.key(0), dtype=jnp.float32)
     xs = jax.random.normal(jax.random.key(1), (T, 4), jnp.float32)
