@@ -1,0 +1,310 @@
+"""Wall-clock and memory of sequential evaluation vs every parallel solver, over T and D.
+
+    python -m experiments.timing --quick              # CPU, about a minute
+    python -m experiments.timing --device gpu         # the full grid, on a GPU
+
+The DEER paper's speed benchmark (Fig 2: a GRU with input size = hidden size,
+batch 16, float32, T from 1e3 to 1e6, D from 1 to 64) and the ELK paper's
+time/memory figure (Fig 2 / Fig 6). For each (D, T) the sequential `lax.scan`
+and each solver run on the same batch (a `vmap` of the whole solve), and we
+record:
+
+- `time_s` / `spread_s`: median and max-min of `--reps` runs after compilation
+  and one warm-up, blocking on the result;
+- `speedup`: sequential time / solver time (above 1: the solver is faster);
+- `compiled_bytes`: temporaries + arguments + outputs of the compiled
+  executable (XLA's memory analysis), the memory the run needs;
+- `device_peak_bytes`: the GPU allocator's peak so far in the process (a running
+  maximum, so it only reads as this run's peak where it grew); empty on CPU;
+- `num_steps` (max over the batch), `converged` (all of the batch) and
+  `max_abs_err` against the sequential states. Solves are capped at
+  `--max-steps` iterations (default `min(T, 1000)`; 200 with `--quick`) because
+  Picard needs about `T` of them on a GRU; a capped solve is reported as not
+  converged and gets no speed-up.
+
+Failures do not stop the sweep: out-of-memory is recorded as `oom` and then
+skipped for larger T at that D, other errors as `error`, and the dense solvers
+(`DEER`, `ELK`) are `skipped` where their Jacobians alone, `batch·T·D²·4`
+bytes, exceed `--max-bytes`.
+
+On a CPU the "parallel" solvers run their linear recurrences as sequential
+scans (`scan="auto"`), so they cannot beat `lax.scan` there: the speed-ups
+this study is about need a GPU. Writes `timing.csv` and `timing.png` into
+`--out` and prints the speed-up table.
+"""
+
+import argparse
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import parallel_rnn as prnn
+
+from ._common import format_table, parser, progress, pyplot, time_fn, write_csv
+
+
+SOLVER_NAMES = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Picard", "Jacobi")
+DENSE = ("DEER", "ELK")  # the solvers that store T·D² Jacobian entries
+FULL_T = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
+FULL_D = (1, 2, 4, 8, 16, 32, 64)
+
+
+def available_solvers(names=SOLVER_NAMES) -> dict[str, prnn.AbstractSolver]:
+    """The solvers of `names` that this version of `parallel_rnn` has."""
+    out = {}
+    for name in names:
+        cls = getattr(prnn, name, None)
+        if cls is not None:
+            out[name] = cls()
+    return out
+
+
+def make_cell(dim: int, key) -> tuple[eqx.Module, str]:
+    """A float32 GRU with input size = hidden size = `dim`.
+
+    `parallel_rnn.cells.GRU` (with an analytic `diagonal_jacobian`) when the
+    library has it, else `eqx.nn.GRUCell` (the quasi solvers then fall back to
+    `D` JVP passes for the diagonal).
+    """
+    gru = getattr(prnn.cells, "GRU", None)
+    if gru is not None:
+        try:
+            cell = gru(dim, dim, key=key)
+            cell = jax.tree_util.tree_map(
+                lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, cell
+            )
+            return cell, "parallel_rnn.cells.GRU"
+        except TypeError:  # a different constructor: use Equinox's cell instead
+            pass
+    return eqx.nn.GRUCell(dim, dim, key=key, dtype=jnp.float32), "eqx.nn.GRUCell"
+
+
+def _runner(name: str, solver, max_steps):
+    """`(params, static, xs, h0) -> (states, num_steps, converged)` over a batch."""
+
+    def run(params, static, xs, h0):
+        cell = eqx.combine(params, static)
+        if solver is None:
+            states = jax.vmap(lambda x, h: prnn.solve_sequential(cell, x, h))(xs, h0)
+            ones = jnp.ones(xs.shape[0], jnp.int32)
+            return states, ones, ones.astype(bool)
+        sol = jax.vmap(
+            lambda x, h: prnn.solve_parallel(
+                cell, x, h, solver, throw=False, max_steps=max_steps
+            )
+        )(xs, h0)
+        return sol.states, sol.num_steps, sol.converged
+
+    return run
+
+
+def _memory_bytes(compiled) -> int | None:
+    # The formula of `_common.compiled_memory`, applied to the executable we
+    # also time, so each configuration is compiled once, not twice.
+    try:
+        a = compiled.memory_analysis()
+    except Exception:
+        return None
+    if a is None:
+        return None
+    return int(
+        a.temp_size_in_bytes
+        + a.output_size_in_bytes
+        + a.argument_size_in_bytes
+        - getattr(a, "alias_size_in_bytes", 0)
+    )
+
+
+def _peak_bytes(device) -> int | None:
+    stats = device.memory_stats()
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
+def _classify(err: Exception) -> str:
+    msg = str(err)
+    if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower() or isinstance(
+        err, MemoryError
+    ):
+        return "oom"
+    return "error"
+
+
+def measure(name, solver, cell, xs, h0, *, reps, max_steps, reference=None) -> dict:
+    """Compile, run once, time `reps` runs; failures become a `status`, not an exception."""
+    params, static = eqx.partition(cell, eqx.is_array)
+    fn = jax.jit(_runner(name, solver, max_steps), static_argnums=1)
+    row = dict(status="ok", time_s="", spread_s="", num_steps="", converged="",
+               max_abs_err="", compiled_bytes="", device_peak_bytes="", message="")
+    try:
+        compiled = fn.lower(params, static, xs, h0).compile()
+        row["compiled_bytes"] = _memory_bytes(compiled) or ""
+        run = lambda: compiled(params, xs, h0)
+        states, steps, conv = jax.block_until_ready(run())
+        row["time_s"], row["spread_s"] = time_fn(run, reps=reps, warmup=0)
+        row["num_steps"] = int(jnp.max(steps))
+        row["converged"] = bool(jnp.all(conv))
+        if reference is not None:
+            row["max_abs_err"] = float(jnp.max(jnp.abs(states - reference)))
+        row["device_peak_bytes"] = _peak_bytes(xs.devices().pop()) or ""
+        return row, states
+    except Exception as err:  # XlaRuntimeError / RESOURCE_EXHAUSTED and friends
+        row["status"] = _classify(err)
+        row["message"] = " ".join(str(err).split())[:200]
+        return row, None
+
+
+def _select_device(kind: str):
+    if kind == "auto":
+        return jax.devices()[0]
+    try:
+        return jax.devices(kind)[0]
+    except RuntimeError as err:
+        raise SystemExit(f"--device {kind}: no such JAX device here ({err})") from err
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(float(v)) for v in text.split(","))
+
+
+def main(argv=None) -> list[dict]:
+    p = parser(__doc__.split("\n\n")[0])
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="JAX platform to run on (gpu: fail if there is none)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per solve (vmap)")
+    p.add_argument("--Ts", type=_ints, default=None, help="comma list, e.g. 1e3,1e4")
+    p.add_argument("--Ds", type=_ints, default=None, help="comma list, e.g. 1,8,64")
+    p.add_argument("--solvers", type=lambda s: tuple(s.split(",")), default=SOLVER_NAMES)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="iteration cap per solve; default min(T, 1000), 200 with --quick; "
+                        "0 means T (every solver then converges, Picard after ~T)"),
+    p.add_argument("--max-bytes", type=float, default=4e9,
+                   help="skip DEER/ELK where batch*T*D^2*4 bytes exceeds this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.smoke:  # seconds: the plumbing end to end, for the tests
+        Ts, Ds, batch, reps = (32,), (2,), 2, 1
+        args.solvers = tuple(n for n in args.solvers if n in ("DEER", "QuasiDEER"))
+    elif args.quick:
+        Ts, Ds, batch, reps = (1_000, 10_000), (2, 8), 4, 3
+    else:
+        Ts, Ds, batch, reps = FULL_T, FULL_D, 16, 5
+    Ts, Ds = args.Ts or Ts, args.Ds or Ds
+    # Picard needs about T iterations on a GRU (its A_t = I is far from the true
+    # Jacobian), which would dominate the sweep: cap it and report it unconverged.
+    cap = args.max_steps if args.max_steps is not None else (200 if args.quick else 1000)
+    batch = args.batch or batch
+    reps = args.reps or reps
+    device = _select_device(args.device)
+    solvers = available_solvers(args.solvers)
+
+    rows = []
+    failed_at = {}  # (method, D) -> T of the first out-of-memory
+    configs = [(D, T) for D in Ds for T in sorted(Ts)]
+    with jax.default_device(device):
+        for D, T in progress(configs, desc=f"timing on {device.platform}"):
+            key_cell, key_x = jax.random.split(jax.random.fold_in(jax.random.key(args.seed), D))
+            cell, cell_name = make_cell(D, key_cell)
+            xs = jax.random.normal(key_x, (batch, T, D), jnp.float32)
+            h0 = jnp.zeros((batch, D), jnp.float32)
+            common = dict(device=device.platform, cell=cell_name, batch=batch, D=D, T=T)
+
+            seq_row, ref = measure("sequential", None, cell, xs, h0, reps=reps, max_steps=None)
+            seq_row["max_abs_err"] = 0.0 if ref is not None else ""
+            rows.append(dict(common, method="sequential", speedup=1.0, **seq_row))
+            for name, solver in solvers.items():
+                row = dict(common, method=name, speedup="")
+                dense_bytes = 4 * batch * T * D * D
+                if name in DENSE and dense_bytes > args.max_bytes:
+                    rows.append(dict(row, status="skipped", message=(
+                        f"dense Jacobians need {dense_bytes:.3g} B > --max-bytes")))
+                    continue
+                if (name, D) in failed_at:
+                    rows.append(dict(row, status="skipped", message=(
+                        f"out of memory at T={failed_at[name, D]}")))
+                    continue
+                got, _ = measure(name, solver, cell, xs, h0, reps=reps,
+                                 max_steps=min(T, cap) if cap > 0 else None, reference=ref)
+                if got["status"] == "oom":
+                    failed_at[name, D] = T
+                # A speed-up only means something for a solve that reached the tolerance.
+                if got["status"] == "ok" and got["converged"] and seq_row["status"] == "ok":
+                    row["speedup"] = seq_row["time_s"] / got["time_s"]
+                rows.append(dict(row, **got))
+            del ref
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "timing.csv", rows)
+    plot(rows, args.out / "timing.png")
+    print(f"\nDevice: {device.device_kind} ({device.platform}), cell {cell_name}, "
+          f"batch {batch}, float32, reps {reps}")
+    print("Speed-up over sequential (iterations in brackets; >1 means faster):\n")
+    print(speedup_table(rows))
+    print(f"\nWrote {args.out / 'timing.csv'} and {args.out / 'timing.png'}")
+    return rows
+
+
+def speedup_table(rows) -> str:
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "sequential"]
+    table = []
+    for (D, T), group in _groupby(rows, ("D", "T")).items():
+        by = {r["method"]: r for r in group}
+        seq = by["sequential"]
+        line = dict(D=D, T=T, seq_ms=1e3 * seq["time_s"] if seq["status"] == "ok" else "fail")
+        for m in methods:
+            r = by.get(m)
+            if r is None:
+                line[m] = ""
+            elif r["status"] != "ok":
+                line[m] = r["status"]
+            else:
+                su = f"{r['speedup']:.3g}x" if r["converged"] else "not conv."
+                line[m] = f"{su} ({r['num_steps']})"
+        table.append(line)
+    return format_table(table)
+
+
+def _groupby(rows, keys):
+    out = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def plot(rows, path) -> None:
+    plt = pyplot()
+    Ds = sorted({r["D"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(2, len(Ds), figsize=(3.6 * len(Ds), 6.4), squeeze=False)
+    for j, D in enumerate(Ds):
+        for m in methods:
+            pts = [r for r in rows if r["D"] == D and r["method"] == m and r["status"] == "ok"]
+            pts.sort(key=lambda r: r["T"])
+            if not pts:
+                continue
+            T = np.array([r["T"] for r in pts])
+            fast = [r for r in pts if r["speedup"] != ""]
+            if m != "sequential" and fast:
+                axes[0, j].plot([r["T"] for r in fast], [r["speedup"] for r in fast], "o-",
+                                color=colour[m], label=m)
+            mem = [r["compiled_bytes"] or math.nan for r in pts]
+            axes[1, j].plot(T, np.array(mem, float), "o-", color=colour[m], label=m)
+        axes[0, j].axhline(1.0, color="k", lw=0.8, ls=":")
+        axes[0, j].set(xscale="log", yscale="log", title=f"D = {D}", xlabel="T")
+        axes[1, j].set(xscale="log", yscale="log", xlabel="T")
+    axes[0, 0].set_ylabel("speed-up over sequential")
+    axes[1, 0].set_ylabel("compiled memory (bytes)")
+    axes[1, -1].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

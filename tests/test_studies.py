@@ -1,0 +1,67 @@
+"""Each study runs end to end in its smallest mode and writes a non-empty CSV and PNG."""
+
+import csv
+import importlib
+import importlib.util
+import inspect
+
+import pytest
+
+
+pytestmark = pytest.mark.study
+
+
+def _run(module_name, tmp_path, *extra):
+    module = importlib.import_module(f"experiments.{module_name}")
+    rows = module.main(["--smoke", "--out", str(tmp_path), *extra])
+    assert rows
+    csvs, pngs = list(tmp_path.glob("*.csv")), list(tmp_path.glob("*.png"))
+    assert csvs and pngs
+    for path in csvs + pngs:
+        assert path.stat().st_size > 0
+    return rows, csvs
+
+
+def test_timing_smoke_writes_rows_for_sequential_and_solvers(tmp_path):
+    rows, (path,) = _run("timing", tmp_path)
+    methods = {r["method"] for r in rows}
+    assert {"sequential", "DEER", "QuasiDEER"} <= methods
+    with open(path) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    for r in rows:
+        assert r["status"] == "ok"
+        if r["method"] != "sequential":
+            # float32 solves that converged agree with lax.scan.
+            assert r["converged"] and r["max_abs_err"] < 1e-4
+
+
+def test_timing_records_skipped_dense_solver_instead_of_running_it(tmp_path):
+    rows, _ = _run("timing", tmp_path, "--max-bytes", "1")
+    (deer,) = [r for r in rows if r["method"] == "DEER"]
+    assert deer["status"] == "skipped"
+    assert any(r["method"] == "QuasiDEER" and r["status"] == "ok" for r in rows)
+
+
+def test_predictability_smoke_counts_iterations_and_lle(tmp_path):
+    rows, _ = _run("predictability", tmp_path)
+    for r in rows:
+        assert r["converged"] and 1 <= r["num_steps"] <= r["T"]
+    small = min(rows, key=lambda r: r["gain"])
+    assert small["lle"] < 0  # gain 0.5 is contractive
+
+
+# Studies written alongside; smoke-tested once they offer a seconds-long `--smoke`.
+OTHER_STUDIES = (
+    "convergence", "quickstart", "bench_diagonal", "train", "grad_memory", "bench_solvers"
+)
+
+
+@pytest.mark.parametrize("name", OTHER_STUDIES)
+def test_other_study_smoke(name, tmp_path):
+    if importlib.util.find_spec(f"experiments.{name}") is None:
+        pytest.skip(f"experiments/{name}.py does not exist")
+    module = importlib.import_module(f"experiments.{name}")
+    if "--smoke" not in inspect.getsource(module):
+        pytest.skip(f"experiments/{name}.py has no --smoke mode")
+    _run(name, tmp_path)
