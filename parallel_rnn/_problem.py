@@ -65,12 +65,15 @@ class FlatCell(eqx.Module):
     """`cell(x_t, state_pytree)` seen as `(x_t, (D,)) -> (D,)`.
 
     `diag` is the cell's analytic `diagonal_jacobian` in the same flat form, or
-    `None` when the cell has none (autodiff is used then).
+    `None` when the cell has none (autodiff is used then). `value_and_diag` is the
+    cell's optional `value_and_diagonal_jacobian`, which shares the gates between
+    the step and its diagonal (one pass instead of two).
     """
 
     cell: Callable
     diag: Callable | None
     spec: StateSpec
+    value_and_diag: Callable | None = None
 
     def __call__(self, x_t: PyTree, s: Float[Array, " D"]) -> Float[Array, " D"]:
         return self.spec.ravel(self.cell(x_t, self.spec.unravel(s)))
@@ -126,6 +129,14 @@ class Problem(eqx.Module):
     ) -> tuple[Float[Array, "T D"], Float[Array, "T D"]]:
         """`f(x_t, s_{t-1})` and the diagonal of `∂f/∂s`, never materialising `T×D×D`."""
         prev = self.shift(states)
+        if self.fn.value_and_diag is not None:
+            spec = self.fn.spec
+
+            def both(x, s):
+                value, diag = self.fn.value_and_diag(x, spec.unravel(s))
+                return spec.ravel(value), spec.ravel(diag)
+
+            return jax.vmap(both)(self.inputs, prev)
         fs = jax.vmap(self.fn)(self.inputs, prev)
         return fs, self.diagonal_at(prev)
 

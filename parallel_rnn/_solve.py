@@ -68,7 +68,12 @@ def _flat_cell(cell: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec)
     if diag is not None:
         check_cell(diag, x_t, init_state, method="cell.diagonal_jacobian")
         diag = eqx.filter_closure_convert(diag, x_t, init_state)
-    return FlatCell(fn, diag, spec)
+    both = getattr(cell, "value_and_diagonal_jacobian", None)
+    if both is not None and diag is not None:
+        both = eqx.filter_closure_convert(both, x_t, init_state)
+    else:
+        both = None
+    return FlatCell(fn, diag, spec, both)
 
 
 @eqx.filter_jit
