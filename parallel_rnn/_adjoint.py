@@ -57,8 +57,17 @@ def adjoint(
     rtol: float,
     atol: float,
 ) -> Outcome:
-    """Solve for `λ` (returned as `Outcome.states`, in forward time order)."""
+    """Solve for `λ` (returned as `Outcome.states`, in forward time order).
+
+    `λ` is linear in the cotangent, whose scale is the loss's business (a mean
+    over many steps gives tiny cotangents): solving for `s̄ / max|s̄|` and scaling
+    back makes `atol` mean the same thing for every loss, instead of accepting
+    `λ = 0` whenever all cotangents fall below it.
+    """
     T, D = states.shape
+    scale = jnp.max(jnp.abs(cotangent))
+    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1).astype(states.dtype)
+    cotangent = cotangent / scale
     x_next = jax.tree_util.tree_map(
         lambda x: jnp.concatenate([x[1:], x[-1:]], axis=0), problem.inputs
     )
@@ -80,7 +89,7 @@ def adjoint(
         max_steps=T,
         trace=False,
     )
-    return eqx.tree_at(lambda o: o.states, out, jnp.flip(out.states, axis=0))
+    return eqx.tree_at(lambda o: o.states, out, scale * jnp.flip(out.states, axis=0))
 
 
 def parameter_cotangents(
