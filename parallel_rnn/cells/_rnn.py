@@ -1,0 +1,254 @@
+"""GRU, LSTM and Elman cells with closed-form Jacobian diagonals.
+
+`GRU` and `LSTM` hold Equinox's own cells and compute exactly their functions;
+what they add is `diagonal_jacobian(input_t, state)`, the diagonal of
+`∂new_state/∂state` in `O(D)` on top of one step (the gates are shared), where
+autodiff needs `D` JVP passes. The formulas are ALGORITHMS.md §2.3.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+def _default_dtype(dtype):
+    # float64 when x64 is on, float32 otherwise (as Equinox's own layers do).
+    return jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else dtype
+
+
+def _block_diagonals(weight: Array, blocks: int) -> list[Array]:
+    """Diagonals of the `blocks` stacked square `(D, D)` blocks of a `(blocks·D, D)` matrix."""
+    return [jnp.diagonal(w) for w in jnp.split(weight, blocks)]
+
+
+class GRU(eqx.Module):
+    """`eqx.nn.GRUCell`, plus its Jacobian diagonal in closed form.
+
+    Called as `cell(input_t, h) -> h'`, with Equinox's gate layout:
+
+        r = σ(W_ir x + b_r + W_hr h),   z = σ(W_iz x + b_z + W_hz h),
+        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)),   h' = n + z ⊙ (h - n).
+
+    **Arguments:** those of `eqx.nn.GRUCell`: `input_size`, `hidden_size`,
+    `use_bias=True`, `dtype=None` (float64 under x64, else float32) and the
+    keyword-only `key`. To wrap an existing cell use `GRU.wrap`.
+    """
+
+    cell: eqx.nn.GRUCell
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        use_bias: bool = True,
+        dtype=None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        self.cell = eqx.nn.GRUCell(input_size, hidden_size, use_bias, dtype, key=key)
+
+    @classmethod
+    def wrap(cls, cell: eqx.nn.GRUCell) -> "GRU":
+        """A `GRU` computing exactly `cell` (same weights, no copy)."""
+        if not isinstance(cell, eqx.nn.GRUCell):
+            raise TypeError(f"GRU.wrap expects an eqx.nn.GRUCell; got {type(cell)}")
+        # Build a throwaway shell of the right sizes, then put `cell` in it.
+        shell = cls(
+            cell.input_size,
+            cell.hidden_size,
+            cell.use_bias,
+            cell.weight_hh.dtype,
+            key=jax.random.key(0),
+        )
+        return eqx.tree_at(lambda g: g.cell, shell, cell)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cell.hidden_size
+
+    @property
+    def input_size(self) -> int:
+        return self.cell.input_size
+
+    def __call__(self, input_t: Float[Array, " M"], h: Float[Array, " D"]) -> Float[Array, " D"]:
+        return self.cell(input_t, h)
+
+    def value_and_diagonal_jacobian(
+        self, input_t: Float[Array, " M"], h: Float[Array, " D"]
+    ) -> tuple[Float[Array, " D"], Float[Array, " D"]]:
+        """`(h', diag ∂h'/∂h)` from one evaluation of the gates."""
+        cell = self.cell
+        bias = cell.bias if cell.use_bias else 0
+        bias_n = cell.bias_n if cell.use_bias else 0
+        i_r, i_z, i_n = jnp.split(cell.weight_ih @ input_t + bias, 3)
+        h_r, h_z, h_n = jnp.split(cell.weight_hh @ h, 3)
+        r = jax.nn.sigmoid(i_r + h_r)
+        z = jax.nn.sigmoid(i_z + h_z)
+        c_n = h_n + bias_n
+        n = jnp.tanh(i_n + r * c_n)
+        new = n + z * (h - n)
+
+        w_r, w_z, w_n = _block_diagonals(cell.weight_hh, 3)
+        dr = r * (1 - r) * w_r
+        dz = z * (1 - z) * w_z
+        dn = (1 - n**2) * (dr * c_n + r * w_n)
+        diag = (1 - z) * dn + z + (h - n) * dz
+        return new, diag
+
+    def diagonal_jacobian(
+        self, input_t: Float[Array, " M"], h: Float[Array, " D"]
+    ) -> Float[Array, " D"]:
+        """Diagonal of `∂h'/∂h`: `(1-z) n' + z + (h-n) z'`, with
+        `z' = z(1-z) diag(W_hz)`, `r' = r(1-r) diag(W_hr)`,
+        `n' = (1-n²)(r' (W_hn h + b_hn) + r diag(W_hn))`."""
+        return self.value_and_diagonal_jacobian(input_t, h)[1]
+
+
+class LSTM(eqx.Module):
+    """`eqx.nn.LSTMCell`, plus its Jacobian diagonal in closed form.
+
+    Called as `cell(input_t, (h, c)) -> (h', c')`, with Equinox's gate layout
+    `[i, f, g, o] = split(W_ih x + W_hh h + b)` through `σ, σ, tanh, σ`, then
+    `c' = f ⊙ c + i ⊙ g`, `h' = o ⊙ tanh(c')`.
+
+    `diagonal_jacobian` returns `(diag ∂h'/∂h, diag ∂c'/∂c)`: the diagonal of the
+    full `2D × 2D` Jacobian in the state order `(h, c)`. The off-diagonal blocks
+    `∂h'/∂c = diag(o (1 - tanh² c') f)` and `∂c'/∂h` are dropped, as quasi-DEER does.
+
+    **Arguments:** as for `eqx.nn.LSTMCell`: `input_size`, `hidden_size`,
+    `use_bias=True`, `dtype=None`, keyword-only `key`. To wrap an existing cell use
+    `LSTM.wrap`.
+    """
+
+    cell: eqx.nn.LSTMCell
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        use_bias: bool = True,
+        dtype=None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        self.cell = eqx.nn.LSTMCell(input_size, hidden_size, use_bias, dtype, key=key)
+
+    @classmethod
+    def wrap(cls, cell: eqx.nn.LSTMCell) -> "LSTM":
+        """An `LSTM` computing exactly `cell` (same weights, no copy)."""
+        if not isinstance(cell, eqx.nn.LSTMCell):
+            raise TypeError(f"LSTM.wrap expects an eqx.nn.LSTMCell; got {type(cell)}")
+        shell = cls(
+            cell.input_size,
+            cell.hidden_size,
+            cell.use_bias,
+            cell.weight_hh.dtype,
+            key=jax.random.key(0),
+        )
+        return eqx.tree_at(lambda m: m.cell, shell, cell)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cell.hidden_size
+
+    @property
+    def input_size(self) -> int:
+        return self.cell.input_size
+
+    def __call__(
+        self, input_t: Float[Array, " M"], state: tuple[Array, Array]
+    ) -> tuple[Array, Array]:
+        return self.cell(input_t, state)
+
+    def value_and_diagonal_jacobian(
+        self, input_t: Float[Array, " M"], state: tuple[Array, Array]
+    ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+        """`((h', c'), (diag ∂h'/∂h, diag ∂c'/∂c))` from one evaluation of the gates."""
+        h, c = state
+        cell = self.cell
+        lin = cell.weight_ih @ input_t + cell.weight_hh @ h
+        if cell.use_bias:
+            lin = lin + cell.bias
+        i, f, g, o = jnp.split(lin, 4)
+        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+        c_new = f * c + i * g
+        tanh_c = jnp.tanh(c_new)
+        h_new = o * tanh_c
+
+        w_i, w_f, w_g, w_o = _block_diagonals(cell.weight_hh, 4)
+        dc_dh = c * f * (1 - f) * w_f + g * i * (1 - i) * w_i + i * (1 - g**2) * w_g
+        dh_dh = tanh_c * o * (1 - o) * w_o + o * (1 - tanh_c**2) * dc_dh
+        return (h_new, c_new), (dh_dh, f)
+
+    def diagonal_jacobian(
+        self, input_t: Float[Array, " M"], state: tuple[Array, Array]
+    ) -> tuple[Array, Array]:
+        """`(diag ∂h'/∂h, diag ∂c'/∂c = f)`; see ALGORITHMS.md §2.3."""
+        return self.value_and_diagonal_jacobian(input_t, state)[1]
+
+
+class Elman(eqx.Module):
+    """The tanh ("vanilla", Elman) RNN `s' = tanh(W s + U x + b)`.
+
+    `W ~ N(0, gain²/D)`: with `D` large, `gain < 1` gives a contracting network
+    (negative Lyapunov exponent) and `gain > 1` a chaotic one, the knob of the
+    predictability studies. `U ~ N(0, 1/M)`, `b = 0`.
+
+    **Arguments:**
+
+    - `input_size`, `hidden_size`: `M` and `D`.
+    - `gain`: the scale of the recurrent weights.
+    - `use_bias`: whether to hold a bias `b` (initialised at zero).
+    - `dtype`: float64 under x64, else float32 by default.
+    - `key`: PRNG key (keyword only).
+    """
+
+    weight_hh: Float[Array, "D D"]
+    weight_ih: Float[Array, "D M"]
+    bias: Float[Array, " D"] | None
+    input_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        gain: float = 1.0,
+        use_bias: bool = True,
+        dtype=None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        dtype = _default_dtype(dtype)
+        k_hh, k_ih = jax.random.split(key)
+        self.weight_hh = (gain / math.sqrt(hidden_size)) * jax.random.normal(
+            k_hh, (hidden_size, hidden_size), dtype
+        )
+        self.weight_ih = jax.random.normal(k_ih, (hidden_size, input_size), dtype) / math.sqrt(
+            max(input_size, 1)
+        )
+        self.bias = jnp.zeros((hidden_size,), dtype) if use_bias else None
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+
+    def __call__(self, input_t: Float[Array, " M"], s: Float[Array, " D"]) -> Float[Array, " D"]:
+        pre = self.weight_hh @ s + self.weight_ih @ input_t
+        if self.bias is not None:
+            pre = pre + self.bias
+        return jnp.tanh(pre)
+
+    def value_and_diagonal_jacobian(
+        self, input_t: Float[Array, " M"], s: Float[Array, " D"]
+    ) -> tuple[Float[Array, " D"], Float[Array, " D"]]:
+        """`(s', diag ∂s'/∂s)`."""
+        new = self(input_t, s)
+        return new, (1 - new**2) * jnp.diagonal(self.weight_hh)
+
+    def diagonal_jacobian(
+        self, input_t: Float[Array, " M"], s: Float[Array, " D"]
+    ) -> Float[Array, " D"]:
+        """Diagonal of `∂s'/∂s`: `(1 - s'²) ⊙ diag(W)`."""
+        return self.value_and_diagonal_jacobian(input_t, s)[1]
