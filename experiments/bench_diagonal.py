@@ -14,6 +14,9 @@ float32, with the error against sequential evaluation.
     python -m experiments.bench_diagonal [--quick] [--out results] [--reps 5]
 """
 
+import argparse
+
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -46,15 +49,18 @@ def _measure(cell, xs, h0, reps):
     return seconds, memory, int(steps), bool(converged), states
 
 
-def implicit_ssm_iterations(T: int = 1000, D: int = 8, K: int = 8, M: int = 4) -> list[dict]:
+def implicit_ssm_iterations(
+    T: int = 1000, D: int = 8, K: int = 8, M: int = 4, dtypes=(jnp.float64, jnp.float32),
+    solvers=("DEER", "QuasiDEER", "Picard", "Jacobi"),
+) -> list[dict]:
     """Outer iterations each solver needs on `cells.ImplicitSSM` (float64 and float32)."""
     rows = []
-    for dtype in (jnp.float64, jnp.float32):
+    for dtype in dtypes:
         cell = cells.ImplicitSSM(M, D, K, dtype=dtype, key=jax.random.key(0))
         xs = jax.random.normal(jax.random.key(1), (T, M), dtype)
         s0 = jnp.zeros(D, dtype)
         reference = prnn.solve_sequential(cell, xs, s0)
-        for solver in (prnn.DEER(), prnn.QuasiDEER(), prnn.Picard(), prnn.Jacobi()):
+        for solver in (getattr(prnn, name)() for name in solvers):
             solve = eqx.filter_jit(
                 lambda c, x, s, solver=solver: prnn.solve_parallel(c, x, s, solver, throw=False)
             )
@@ -77,12 +83,14 @@ def implicit_ssm_iterations(T: int = 1000, D: int = 8, K: int = 8, M: int = 4) -
 
 
 def main(argv=None):
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
     # The ImplicitSSM table needs float64; the GRU study passes float32 explicitly.
     jax.config.update("jax_enable_x64", True)
-    sizes = (16, 64) if args.quick else (16, 64, 256)
-    lengths = (10_000,) if args.quick else (10_000, 100_000)
-    reps = args.reps or (3 if args.quick else 5)
+    sizes = (4,) if args.smoke else (16, 64) if args.quick else (16, 64, 256)
+    lengths = (200,) if args.smoke else (10_000,) if args.quick else (10_000, 100_000)
+    reps = 1 if args.smoke else args.reps or (3 if args.quick else 5)
     dtype = jnp.float32
 
     rows = []
@@ -119,12 +127,16 @@ def main(argv=None):
     write_csv(path, rows)
     print(f"wrote {path}")
 
-    implicit = implicit_ssm_iterations(T=200 if args.quick else 1000)
+    if args.smoke:
+        implicit = implicit_ssm_iterations(T=20, dtypes=(jnp.float64,), solvers=("QuasiDEER",))
+    else:
+        implicit = implicit_ssm_iterations(T=200 if args.quick else 1000)
     print("\nOuter iterations on cells.ImplicitSSM (default tolerances; max_steps = T)")
     print(format_table(implicit))
     path = args.out / "implicit_ssm_iterations.csv"
     write_csv(path, implicit)
     print(f"wrote {path}")
+    return rows
 
 
 if __name__ == "__main__":

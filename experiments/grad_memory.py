@@ -19,6 +19,9 @@ as `D` grows, the second stays flat for DEER. Writes `grad_memory.csv` and
 `grad_memory.png`.
 """
 
+import argparse
+
+
 import time
 
 import equinox as eqx
@@ -72,9 +75,10 @@ def measure(method: str, D: int, T: int) -> dict:
 
 def main(argv=None) -> list[dict]:
     p = parser(__doc__)
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    Ds = (8, 32) if args.quick else (16, 64)
-    Ts = (1_000, 10_000) if args.quick else (10_000, 100_000)
+    Ds = (4,) if args.smoke else (8, 32) if args.quick else (16, 64)
+    Ts = (100,) if args.smoke else (1_000, 10_000) if args.quick else (10_000, 100_000)
 
     grid = [(m, D, T) for D in Ds for T in Ts for m in METHODS]
     rows = [measure(m, D, T) for m, D, T in progress(grid, desc="compiling")]
@@ -87,8 +91,8 @@ def main(argv=None) -> list[dict]:
     write_csv(args.out / "grad_memory.csv", rows)
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(Ds), figsize=(5 * len(Ds), 4), sharey=True)
-    for ax, D in zip(axes, Ds):
+    fig, axes = plt.subplots(1, len(Ds), figsize=(5 * len(Ds), 4), sharey=True, squeeze=False)
+    for ax, D in zip(axes[0], Ds):
         for method, marker in zip(METHODS, "os^"):
             sel = [r for r in rows if r["method"] == method and r["D"] == D]
             ax.loglog([r["T"] for r in sel], [r["bytes"] for r in sel], marker=marker, label=method)
@@ -97,7 +101,7 @@ def main(argv=None) -> list[dict]:
         ax.set_xlabel("T")
         ax.set_title(f"D = {D}")
         ax.legend()
-    axes[0].set_ylabel("compiled peak bytes (gradient)")
+    axes[0][0].set_ylabel("compiled peak bytes (gradient)")
     fig.tight_layout()
     fig.savefig(args.out / "grad_memory.png", dpi=120)
     print(f"wrote {args.out / 'grad_memory.csv'} and {args.out / 'grad_memory.png'}")

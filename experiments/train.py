@@ -23,6 +23,9 @@ float32 by default (`--float64` for double precision). Full mode: T=4096,
 300 steps; `--quick`: T=512, 30 steps (a minute or two on a 2-core CPU).
 """
 
+import argparse
+
+
 import time
 
 import equinox as eqx
@@ -57,7 +60,7 @@ def make_data(key, batch: int, T: int, decay: float, dtype):
     xs = jax.random.normal(key, (batch, T, 1), dtype)
 
     def step(y, x):
-        y = decay * y + np.sqrt(1 - decay**2) * x[..., 0]
+        y = (decay * y + np.sqrt(1 - decay**2) * x[..., 0]).astype(y.dtype)
         return y, y
 
     _, ys = jax.lax.scan(step, jnp.zeros((batch,), dtype), jnp.swapaxes(xs, 0, 1))
@@ -134,7 +137,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--decay", type=float, default=0.9, help="leak a of the target integral")
     p.add_argument("--float64", action="store_true", help="train in float64")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.smoke:  # seconds: the plumbing end to end, for the tests
+        args.T, args.steps, args.hidden, args.batch = 64, 3, 4, 2
     T = args.T or (512 if args.quick else 4096)
     steps = args.steps or (30 if args.quick else 300)
     hidden = args.hidden or 8

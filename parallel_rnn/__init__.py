@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from . import cells as cells
+from ._lyapunov import lyapunov_exponent as lyapunov_exponent
 from ._scan import dense_recurrence as dense_recurrence, diagonal_recurrence as diagonal_recurrence
 from ._sequential import solve_sequential as solve_sequential
 from ._solution import Solution as Solution
@@ -11,9 +12,11 @@ from ._solver import (
     DEER as DEER,
     AbstractLinearisedSolver as AbstractLinearisedSolver,
     AbstractSolver as AbstractSolver,
+    ELK as ELK,
     Jacobi as Jacobi,
     Picard as Picard,
     QuasiDEER as QuasiDEER,
+    QuasiELK as QuasiELK,
 )
 
 

@@ -5,4 +5,5 @@ from .base import (
     safeguard as safeguard,
 )
 from .deer import DEER as DEER, QuasiDEER as QuasiDEER
+from .elk import ELK as ELK, QuasiELK as QuasiELK
 from .picard import Jacobi as Jacobi, Picard as Picard
