@@ -77,7 +77,8 @@ def _one_step(solver, problem, guess, frontier):
 
 
 @pytest.mark.parametrize("frontier", [0, 7])
-@pytest.mark.parametrize("solver", [prnn.ELK(adaptive=False), prnn.QuasiELK(adaptive=False)],
+@pytest.mark.parametrize("solver", [prnn.ELK(adaptive=False, posterior="smoother"),
+                                    prnn.QuasiELK(adaptive=False, posterior="smoother")],
                          ids=["ELK", "QuasiELK"])
 @pytest.mark.parametrize("scan", ["associative", "sequential"])
 def test_step_solves_dense_normal_equations(solver, scan, frontier):
@@ -95,7 +96,7 @@ def test_zero_damping_reproduces_the_deer_step():
     problem = _flat_problem(cell, xs, s0)
     guess = 0.3 * jax.random.normal(jax.random.key(9), (T, 5), jnp.float64)
     for damped, undamped in [(prnn.ELK, prnn.DEER), (prnn.QuasiELK, prnn.QuasiDEER)]:
-        _, a = _one_step(damped(damping=1e-12, adaptive=False), problem, guess, jnp.int32(0))
+        _, a = _one_step(damped(damping=1e-12, adaptive=False, posterior="smoother"), problem, guess, jnp.int32(0))
         _, b = _one_step(undamped(), problem, guess, jnp.int32(0))
         np.testing.assert_allclose(a.states, b.states, rtol=0, atol=1e-9)
 
@@ -105,7 +106,7 @@ def test_rejected_step_is_the_minimal_safe_step():
     # iterate must advance exactly one time step and stay consistent.
     cell, xs, s0 = gru(jnp.float64)
     problem = _flat_problem(cell, xs, s0)
-    solver = prnn.ELK(damping=1e9)
+    solver = prnn.ELK(damping=1e9, adaptive=True, posterior="smoother")
     guess = jnp.ones((T, 5))
     it, st = solver.init(problem, guess)
     new, st = eqx.filter_jit(solver.step)(problem, it, st, jnp.int32(0))
@@ -148,7 +149,11 @@ def test_chaotic_lorenz96_converges_within_T_with_finite_states(solver):
     sol = prnn.solve_parallel(Lorenz96(), xs, s0, solver, throw=False, trace=True)
     assert bool(sol.converged) and int(sol.num_steps) <= n
     assert bool(jnp.all(jnp.isfinite(sol.states)))
-    assert max_abs_diff(sol.states, scan_reference(Lorenz96(), xs, s0)) < 1e-7
+    # Chaos amplifies round-off (LLE > 0), so the residual is the sharp check and
+    # the trajectory only agrees loosely after 200 steps.
+    r = sol.states - jax.vmap(Lorenz96())(xs, jnp.concatenate([s0[None], sol.states[:-1]]))
+    assert float(jnp.max(jnp.abs(r))) <= 1e-10 * (1 + float(jnp.max(jnp.abs(sol.states))))
+    assert max_abs_diff(sol.states, scan_reference(Lorenz96(), xs, s0)) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -156,11 +161,11 @@ def test_chaotic_lorenz96_converges_within_T_with_finite_states(solver):
     [
         prnn.ELK(damping=0.1, adaptive=False),
         prnn.QuasiELK(damping=0.1, adaptive=False),
-        prnn.ELK(posterior="filter"),
+        prnn.ELK(adaptive=True, posterior="smoother"),
         prnn.QuasiELK(damping=1e-2, adaptive=False, posterior="filter"),
         prnn.QuasiELK(scan="associative"),
     ],
-    ids=["ELK-fixed", "QuasiELK-fixed", "ELK-filter", "QuasiELK-fixed-filter", "QuasiELK-assoc"],
+    ids=["ELK-fixed", "QuasiELK-fixed", "ELK-adaptive-smoother", "QuasiELK-fixed-filter", "QuasiELK-assoc"],
 )
 def test_options_converge_to_the_scan(solver):
     cell, xs, s0 = gru(jnp.float64, scale=2.0)
