@@ -50,8 +50,13 @@ def compiled_memory(fn: Callable, *args, **kwargs) -> int | None:
         a, k = eqx.combine(dynamic, static)
         return fn(*a, **k)
 
+    return executable_memory(jax.jit(call).lower(dynamic).compile())
+
+
+def executable_memory(compiled) -> int | None:
+    """Peak bytes of an already compiled executable (`jax.jit(f).lower(...).compile()`)."""
     try:
-        analysis = jax.jit(call).lower(dynamic).compile().memory_analysis()
+        analysis = compiled.memory_analysis()
     except NotImplementedError:
         return None
     if analysis is None:

@@ -16,7 +16,6 @@ float32, with the error against sequential evaluation.
 
 import argparse
 
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -50,7 +49,11 @@ def _measure(cell, xs, h0, reps):
 
 
 def implicit_ssm_iterations(
-    T: int = 1000, D: int = 8, K: int = 8, M: int = 4, dtypes=(jnp.float64, jnp.float32),
+    T: int = 1000,
+    D: int = 8,
+    K: int = 8,
+    M: int = 4,
+    dtypes=(jnp.float64, jnp.float32),
     solvers=("DEER", "QuasiDEER", "Picard", "Jacobi"),
 ) -> list[dict]:
     """Outer iterations each solver needs on `cells.ImplicitSSM` (float64 and float32)."""

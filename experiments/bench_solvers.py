@@ -79,19 +79,21 @@ def bench_one(kind, D, T, reps, max_dense_bytes, solvers=SOLVERS):
         t_one, _ = time_fn(lambda: run(1), reps)
         per_iter = (t_total - t_one) / (n - 1) if n > 1 else t_total
         mem = compiled_memory(prnn.solve_parallel, cell, xs, s0, solver, throw=False)
-        rows.append(dict(
-            row,
-            status="ok" if bool(sol.converged) else "not converged",
-            iterations=n,
-            total_ms=1e3 * t_total,
-            spread_ms=1e3 * spread,
-            per_iter_ms=1e3 * per_iter,
-            per_iter_over_eval=per_iter / t_eval,
-            total_over_seq=t_total / t_seq,
-            mem_MB=None if mem is None else mem / 1e6,
-            mem_over_unit=None if mem is None else mem / unit,
-            unit="T*D^2*4" if dense else "T*D*4",
-        ))
+        rows.append(
+            dict(
+                row,
+                status="ok" if bool(sol.converged) else "not converged",
+                iterations=n,
+                total_ms=1e3 * t_total,
+                spread_ms=1e3 * spread,
+                per_iter_ms=1e3 * per_iter,
+                per_iter_over_eval=per_iter / t_eval,
+                total_over_seq=t_total / t_seq,
+                mem_MB=None if mem is None else mem / 1e6,
+                mem_over_unit=None if mem is None else mem / unit,
+                unit="T*D^2*4" if dense else "T*D*4",
+            )
+        )
     return rows
 
 
@@ -114,9 +116,23 @@ def main(argv=None) -> list[dict]:
     rows = []
     for kind, D, T in progress(grid, desc="configurations"):
         rows += bench_one(kind, D, T, reps, args.max_dense_gb * 1e9, args.solvers)
-    cols = ["cell", "D", "T", "solver", "status", "iterations", "total_ms", "per_iter_ms",
-            "eval_ms", "per_iter_over_eval", "seq_ms", "total_over_seq", "mem_MB",
-            "mem_over_unit", "unit"]
+    cols = [
+        "cell",
+        "D",
+        "T",
+        "solver",
+        "status",
+        "iterations",
+        "total_ms",
+        "per_iter_ms",
+        "eval_ms",
+        "per_iter_over_eval",
+        "seq_ms",
+        "total_over_seq",
+        "mem_MB",
+        "mem_over_unit",
+        "unit",
+    ]
     print(f"\nfloat32, backend={jax.default_backend()}")
     print(format_table(rows, cols))
     write_csv(args.out / "bench_solvers.csv", [{c: r.get(c, "") for c in cols} for r in rows])
@@ -133,9 +149,17 @@ def plot(rows: list[dict], path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(configs)), 4))
     width = 0.8 / max(1, len(solvers))
     for k, name in enumerate(solvers):
-        ys = [next((r["per_iter_over_eval"] for r in done
-                    if (r["cell"], r["D"], r["T"]) == c and r["solver"] == name), float("nan"))
-              for c in configs]
+        ys = [
+            next(
+                (
+                    r["per_iter_over_eval"]
+                    for r in done
+                    if (r["cell"], r["D"], r["T"]) == c and r["solver"] == name
+                ),
+                float("nan"),
+            )
+            for c in configs
+        ]
         ax.bar([i + k * width for i in range(len(configs))], ys, width, label=name)
     ax.axhline(2.0, color="k", ls="--", lw=1, label="target (2x)")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])

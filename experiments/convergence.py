@@ -60,14 +60,26 @@ def run_case(name, T, hidden, dtype, reps, bar):
         curves[solver_name] = [float(v) for v in sol.trace[:n]]
         finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(sol.states))
         err = float(
-            max(jnp.max(jnp.abs(a - b)) for a, b in zip(
-                jax.tree_util.tree_leaves(sol.states), jax.tree_util.tree_leaves(ref)
-            ))
+            max(
+                jnp.max(jnp.abs(a - b))
+                for a, b in zip(
+                    jax.tree_util.tree_leaves(sol.states), jax.tree_util.tree_leaves(ref)
+                )
+            )
         )
-        rows.append(dict(
-            case=name, solver=solver_name, T=T, iterations=n, converged=bool(sol.converged),
-            within_T=n <= T, finite=finite, max_err_vs_scan=err, seconds=seconds,
-        ))
+        rows.append(
+            dict(
+                case=name,
+                solver=solver_name,
+                T=T,
+                iterations=n,
+                converged=bool(sol.converged),
+                within_T=n <= T,
+                finite=finite,
+                max_err_vs_scan=err,
+                seconds=seconds,
+            )
+        )
         bar.update(1)
     return rows, curves
 
@@ -104,15 +116,30 @@ def main(argv=None):
             rows, curves = run_case(name, T, hidden, dtype, reps, bar)
             all_rows += rows
             trace_rows = [
-                dict(iteration=i + 1, **{k: (v[i] if i < len(v) else "") for k, v in curves.items()})
+                dict(
+                    iteration=i + 1, **{k: (v[i] if i < len(v) else "") for k, v in curves.items()}
+                )
                 for i in range(max(map(len, curves.values())))
             ]
             write_csv(args.out / f"convergence_{name}.csv", trace_rows)
             plot(args.out / f"convergence_{name}.png", name, curves, T)
     write_csv(args.out / "convergence_summary.csv", all_rows)
     print(f"dtype {args.dtype}, T = {T}, default tolerances, max_steps = T")
-    print(format_table(all_rows, ["case", "solver", "iterations", "converged", "within_T",
-                                  "finite", "max_err_vs_scan", "seconds"]))
+    print(
+        format_table(
+            all_rows,
+            [
+                "case",
+                "solver",
+                "iterations",
+                "converged",
+                "within_T",
+                "finite",
+                "max_err_vs_scan",
+                "seconds",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

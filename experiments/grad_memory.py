@@ -20,8 +20,6 @@ as `D` grows, the second stays flat for DEER. Writes `grad_memory.csv` and
 """
 
 import argparse
-
-
 import time
 
 import equinox as eqx

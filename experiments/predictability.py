@@ -48,9 +48,7 @@ class MeanFieldRNN(eqx.Module):
 
 @eqx.filter_jit
 def _deer(cell, inputs, s0, max_steps):
-    sol = prnn.solve_parallel(
-        cell, inputs, s0, prnn.DEER(), throw=False, max_steps=max_steps
-    )
+    sol = prnn.solve_parallel(cell, inputs, s0, prnn.DEER(), throw=False, max_steps=max_steps)
     return sol.num_steps, sol.converged
 
 
@@ -71,8 +69,18 @@ def run_one(gain, seed, dim, Ts, noise, max_steps) -> list[dict]:
     for T in Ts:
         cap = T if max_steps is None else min(T, max_steps)
         steps, conv = _deer(cell, u[:T], s0, cap)
-        rows.append(dict(gain=gain, seed=seed, D=dim, lle=lle, T=T,
-                         num_steps=int(steps), converged=bool(conv), max_steps=cap))
+        rows.append(
+            dict(
+                gain=gain,
+                seed=seed,
+                D=dim,
+                lle=lle,
+                T=T,
+                num_steps=int(steps),
+                converged=bool(conv),
+                max_steps=cap,
+            )
+        )
     return rows
 
 
@@ -86,8 +94,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--T-max", type=int, default=None, help="longest sequence (paper: 1e4)")
     p.add_argument("--num-T", type=int, default=None, help="lengths, log-spaced from 10")
     p.add_argument("--noise", type=float, default=0.01, help="std of the inputs u_t")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="DEER iteration cap (default T: every solve converges)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="DEER iteration cap (default T: every solve converges)",
+    )
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -113,8 +125,10 @@ def main(argv=None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "predictability.csv", rows)
     plot(rows, args.out / "predictability.png")
-    print(f"\nMean-field tanh RNN, D = {dim}, float64, DEER, tol 1e-10, "
-          f"{seeds} seed(s) per gain. Iterations to converge:\n")
+    print(
+        f"\nMean-field tanh RNN, D = {dim}, float64, DEER, tol 1e-10, "
+        f"{seeds} seed(s) per gain. Iterations to converge:\n"
+    )
     print(summary_table(rows))
     print(f"\nWrote {args.out / 'predictability.csv'} and {args.out / 'predictability.png'}")
     return rows
@@ -146,20 +160,39 @@ def plot(rows, path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     Ts = sorted({r["T"] for r in rows})
     for gain, seed in sorted({(r["gain"], r["seed"]) for r in rows}):
-        mine = sorted((r for r in rows if r["gain"] == gain and r["seed"] == seed),
-                      key=lambda r: r["T"])
-        ax.plot([r["T"] for r in mine], [r["num_steps"] for r in mine], "o-", ms=3,
-                color=cmap(norm(mine[0]["lle"])))
+        mine = sorted(
+            (r for r in rows if r["gain"] == gain and r["seed"] == seed), key=lambda r: r["T"]
+        )
+        ax.plot(
+            [r["T"] for r in mine],
+            [r["num_steps"] for r in mine],
+            "o-",
+            ms=3,
+            color=cmap(norm(mine[0]["lle"])),
+        )
         last = mine[-1]
-        ax2.scatter(last["lle"], last["num_steps"], color=cmap(norm(last["lle"])),
-                    marker="o" if last["converged"] else "x")
+        ax2.scatter(
+            last["lle"],
+            last["num_steps"],
+            color=cmap(norm(last["lle"])),
+            marker="o" if last["converged"] else "x",
+        )
     ax.plot(Ts, Ts, "k:", lw=0.8, label="T (worst case)")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length T",
-           ylabel="DEER iterations to converge", title="iterations vs T")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="sequence length T",
+        ylabel="DEER iterations to converge",
+        title="iterations vs T",
+    )
     ax.legend(fontsize="small")
     ax2.axvline(0.0, color="k", lw=0.8, ls=":")
-    ax2.set(yscale="log", xlabel="largest Lyapunov exponent",
-            ylabel=f"iterations at T = {Ts[-1]}", title="iterations vs LLE")
+    ax2.set(
+        yscale="log",
+        xlabel="largest Lyapunov exponent",
+        ylabel=f"iterations at T = {Ts[-1]}",
+        title="iterations vs LLE",
+    )
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="LLE")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

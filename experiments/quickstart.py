@@ -31,7 +31,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--T", type=int, default=10_000)
     p.add_argument("--D", type=int, default=16)
     p.add_argument(
-        "--max-steps", type=int, default=300,
+        "--max-steps",
+        type=int,
+        default=300,
         help="iteration cap (Picard needs ~T iterations on a GRU; it shows as not converged)",
     )
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
@@ -46,8 +48,16 @@ def main(argv=None) -> list[dict]:
     sequential = eqx.filter_jit(prnn.solve_sequential)
     ref = sequential(cell, xs, h0)
     t_seq, _ = time_fn(lambda: sequential(cell, xs, h0), reps)
-    rows = [dict(method="sequential", iterations="", converged="", max_abs_err=0.0,
-                 time_ms=1e3 * t_seq, vs_sequential=1.0)]
+    rows = [
+        dict(
+            method="sequential",
+            iterations="",
+            converged="",
+            max_abs_err=0.0,
+            time_ms=1e3 * t_seq,
+            vs_sequential=1.0,
+        )
+    ]
     traces = {}
     for name, solver in progress(available_solvers().items(), desc="solvers"):
         # The trace costs one scalar write per iteration: time the same compiled solve.
@@ -57,14 +67,16 @@ def main(argv=None) -> list[dict]:
         sol = run()
         t, _ = time_fn(run, reps)
         traces[name] = np.asarray(sol.trace)
-        rows.append(dict(
-            method=name,
-            iterations=int(sol.num_steps),
-            converged=bool(sol.converged),
-            max_abs_err=float(jnp.max(jnp.abs(sol.states - ref))),
-            time_ms=1e3 * t,
-            vs_sequential=t / t_seq,
-        ))
+        rows.append(
+            dict(
+                method=name,
+                iterations=int(sol.num_steps),
+                converged=bool(sol.converged),
+                max_abs_err=float(jnp.max(jnp.abs(sol.states - ref))),
+                time_ms=1e3 * t,
+                vs_sequential=t / t_seq,
+            )
+        )
 
     print(f"\neqx.nn.GRUCell, D={args.D}, T={T}, float32, backend={jax.default_backend()}")
     print(format_table(rows))

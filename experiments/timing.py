@@ -43,7 +43,15 @@ import numpy as np
 
 import parallel_rnn as prnn
 
-from ._common import format_table, parser, progress, pyplot, time_fn, write_csv
+from ._common import (
+    executable_memory,
+    format_table,
+    parser,
+    progress,
+    pyplot,
+    time_fn,
+    write_csv,
+)
 
 
 SOLVER_NAMES = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Picard", "Jacobi")
@@ -92,9 +100,7 @@ def _runner(name: str, solver, max_steps):
             ones = jnp.ones(xs.shape[0], jnp.int32)
             return states, ones, ones.astype(bool)
         sol = jax.vmap(
-            lambda x, h: prnn.solve_parallel(
-                cell, x, h, solver, throw=False, max_steps=max_steps
-            )
+            lambda x, h: prnn.solve_parallel(cell, x, h, solver, throw=False, max_steps=max_steps)
         )(xs, h0)
         return sol.states, sol.num_steps, sol.converged
 
@@ -102,20 +108,8 @@ def _runner(name: str, solver, max_steps):
 
 
 def _memory_bytes(compiled) -> int | None:
-    # The formula of `_common.compiled_memory`, applied to the executable we
-    # also time, so each configuration is compiled once, not twice.
-    try:
-        a = compiled.memory_analysis()
-    except Exception:
-        return None
-    if a is None:
-        return None
-    return int(
-        a.temp_size_in_bytes
-        + a.output_size_in_bytes
-        + a.argument_size_in_bytes
-        - getattr(a, "alias_size_in_bytes", 0)
-    )
+    # Measured on the executable we also time, so each configuration is compiled once.
+    return executable_memory(compiled)
 
 
 def _peak_bytes(device) -> int | None:
@@ -125,8 +119,10 @@ def _peak_bytes(device) -> int | None:
 
 def _classify(err: Exception) -> str:
     msg = str(err)
-    if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower() or isinstance(
-        err, MemoryError
+    if (
+        "RESOURCE_EXHAUSTED" in msg
+        or "out of memory" in msg.lower()
+        or isinstance(err, MemoryError)
     ):
         return "oom"
     return "error"
@@ -136,8 +132,17 @@ def measure(name, solver, cell, xs, h0, *, reps, max_steps, reference=None) -> d
     """Compile, run once, time `reps` runs; failures become a `status`, not an exception."""
     params, static = eqx.partition(cell, eqx.is_array)
     fn = jax.jit(_runner(name, solver, max_steps), static_argnums=1)
-    row = dict(status="ok", time_s="", spread_s="", num_steps="", converged="",
-               max_abs_err="", compiled_bytes="", device_peak_bytes="", message="")
+    row = dict(
+        status="ok",
+        time_s="",
+        spread_s="",
+        num_steps="",
+        converged="",
+        max_abs_err="",
+        compiled_bytes="",
+        device_peak_bytes="",
+        message="",
+    )
     try:
         compiled = fn.lower(params, static, xs, h0).compile()
         row["compiled_bytes"] = _memory_bytes(compiled) or ""
@@ -172,17 +177,31 @@ def _ints(text: str) -> tuple[int, ...]:
 def main(argv=None) -> list[dict]:
     p = parser(__doc__.split("\n\n")[0])
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                   help="JAX platform to run on (gpu: fail if there is none)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="JAX platform to run on (gpu: fail if there is none)",
+    )
     p.add_argument("--batch", type=int, default=None, help="sequences per solve (vmap)")
     p.add_argument("--Ts", type=_ints, default=None, help="comma list, e.g. 1e3,1e4")
     p.add_argument("--Ds", type=_ints, default=None, help="comma list, e.g. 1,8,64")
     p.add_argument("--solvers", type=lambda s: tuple(s.split(",")), default=SOLVER_NAMES)
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="iteration cap per solve; default min(T, 1000), 200 with --quick; "
-                        "0 means T (every solver then converges, Picard after ~T)"),
-    p.add_argument("--max-bytes", type=float, default=4e9,
-                   help="skip DEER/ELK where batch*T*D^2*4 bytes exceeds this")
+    (
+        p.add_argument(
+            "--max-steps",
+            type=int,
+            default=None,
+            help="iteration cap per solve; default min(T, 1000), 200 with --quick; "
+            "0 means T (every solver then converges, Picard after ~T)",
+        ),
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=float,
+        default=4e9,
+        help="skip DEER/ELK where batch*T*D^2*4 bytes exceeds this",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -221,15 +240,33 @@ def main(argv=None) -> list[dict]:
                 row = dict(common, method=name, speedup="")
                 dense_bytes = 4 * batch * T * D * D
                 if name in DENSE and dense_bytes > args.max_bytes:
-                    rows.append(dict(row, status="skipped", message=(
-                        f"dense Jacobians need {dense_bytes:.3g} B > --max-bytes")))
+                    rows.append(
+                        dict(
+                            row,
+                            status="skipped",
+                            message=(f"dense Jacobians need {dense_bytes:.3g} B > --max-bytes"),
+                        )
+                    )
                     continue
                 if (name, D) in failed_at:
-                    rows.append(dict(row, status="skipped", message=(
-                        f"out of memory at T={failed_at[name, D]}")))
+                    rows.append(
+                        dict(
+                            row,
+                            status="skipped",
+                            message=(f"out of memory at T={failed_at[name, D]}"),
+                        )
+                    )
                     continue
-                got, _ = measure(name, solver, cell, xs, h0, reps=reps,
-                                 max_steps=min(T, cap) if cap > 0 else None, reference=ref)
+                got, _ = measure(
+                    name,
+                    solver,
+                    cell,
+                    xs,
+                    h0,
+                    reps=reps,
+                    max_steps=min(T, cap) if cap > 0 else None,
+                    reference=ref,
+                )
                 if got["status"] == "oom":
                     failed_at[name, D] = T
                 # A speed-up only means something for a solve that reached the tolerance.
@@ -241,8 +278,10 @@ def main(argv=None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "timing.csv", rows)
     plot(rows, args.out / "timing.png")
-    print(f"\nDevice: {device.device_kind} ({device.platform}), cell {cell_name}, "
-          f"batch {batch}, float32, reps {reps}")
+    print(
+        f"\nDevice: {device.device_kind} ({device.platform}), cell {cell_name}, "
+        f"batch {batch}, float32, reps {reps}"
+    )
     print("Speed-up over sequential (iterations in brackets; >1 means faster):\n")
     print(speedup_table(rows))
     print(f"\nWrote {args.out / 'timing.csv'} and {args.out / 'timing.png'}")
@@ -291,8 +330,13 @@ def plot(rows, path) -> None:
             T = np.array([r["T"] for r in pts])
             fast = [r for r in pts if r["speedup"] != ""]
             if m != "sequential" and fast:
-                axes[0, j].plot([r["T"] for r in fast], [r["speedup"] for r in fast], "o-",
-                                color=colour[m], label=m)
+                axes[0, j].plot(
+                    [r["T"] for r in fast],
+                    [r["speedup"] for r in fast],
+                    "o-",
+                    color=colour[m],
+                    label=m,
+                )
             mem = [r["compiled_bytes"] or math.nan for r in pts]
             axes[1, j].plot(T, np.array(mem, float), "o-", color=colour[m], label=m)
         axes[0, j].axhline(1.0, color="k", lw=0.8, ls=":")

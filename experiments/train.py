@@ -24,8 +24,6 @@ float32 by default (`--float64` for double precision). Full mode: T=4096,
 """
 
 import argparse
-
-
 import time
 
 import equinox as eqx

@@ -10,9 +10,9 @@ from ._solution import Solution as Solution
 from ._solve import solve_parallel as solve_parallel
 from ._solver import (
     DEER as DEER,
+    ELK as ELK,
     AbstractLinearisedSolver as AbstractLinearisedSolver,
     AbstractSolver as AbstractSolver,
-    ELK as ELK,
     Jacobi as Jacobi,
     Picard as Picard,
     QuasiDEER as QuasiDEER,

@@ -79,7 +79,9 @@ def adjoint(
     flat = FlatCell(cell, cell.diagonal if has_diag else None, make_spec(states[0]))
     adj_problem = Problem(flat, adj_inputs, jnp.zeros((D,), states.dtype))
 
-    adj_solver = DEER(scan=solver.scan) if solver.jacobian == "dense" else QuasiDEER(scan=solver.scan)
+    adj_solver = (
+        DEER(scan=solver.scan) if solver.jacobian == "dense" else QuasiDEER(scan=solver.scan)
+    )
     out = iterate(
         adj_problem,
         adj_solver,

@@ -117,4 +117,3 @@ def lyapunov_exponent(
 
     _, logs = jax.lax.scan(step, v0, (inputs, prev))
     return jnp.mean(logs)
-

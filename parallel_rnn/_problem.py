@@ -46,9 +46,7 @@ class StateSpec(eqx.Module):
         """Trajectory pytree (leaves with leading `T`) -> `(T, D)`."""
         leaves = jax.tree_util.tree_leaves(tree)
         T = leaves[0].shape[0]
-        return jnp.concatenate([leaf.reshape(T, -1) for leaf in leaves], axis=1).astype(
-            self.dtype
-        )
+        return jnp.concatenate([leaf.reshape(T, -1) for leaf in leaves], axis=1).astype(self.dtype)
 
     def unravel_trajectory(self, flat: Float[Array, "T D"]) -> PyTree:
         """`(T, D)` -> trajectory pytree with leading `T` on every leaf."""
@@ -160,9 +158,7 @@ def autodiff_diagonal(
 
     def column(i):
         e = jnp.zeros((D,), prev.dtype).at[i].set(1)
-        tangent = jax.vmap(lambda x, s: jax.jvp(lambda s_: fn(x, s_), (s,), (e,))[1])(
-            inputs, prev
-        )
+        tangent = jax.vmap(lambda x, s: jax.jvp(lambda s_: fn(x, s_), (s,), (e,))[1])(inputs, prev)
         return tangent[:, i]
 
     return jax.lax.map(column, jnp.arange(D)).T

@@ -35,9 +35,7 @@ def resolve_method(method: Method) -> Literal["associative", "sequential"]:
     if method == "auto":
         return "sequential" if jax.default_backend() == "cpu" else "associative"
     if method not in ("associative", "sequential"):
-        raise ValueError(
-            f"`method` must be 'auto', 'associative' or 'sequential', got {method!r}"
-        )
+        raise ValueError(f"`method` must be 'auto', 'associative' or 'sequential', got {method!r}")
     return method
 
 

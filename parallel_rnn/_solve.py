@@ -33,9 +33,7 @@ _ADJOINT_NOT_CONVERGED = (
 @eqx.filter_custom_vjp
 def _solve(problem: Problem, guess, solver, rtol, atol, max_steps, trace, throw) -> Outcome:
     del throw
-    return iterate(
-        problem, solver, guess, rtol=rtol, atol=atol, max_steps=max_steps, trace=trace
-    )
+    return iterate(problem, solver, guess, rtol=rtol, atol=atol, max_steps=max_steps, trace=trace)
 
 
 @_solve.def_fwd
@@ -46,7 +44,9 @@ def _solve_fwd(perturbed, problem, guess, solver, rtol, atol, max_steps, trace, 
 
 
 @_solve.def_bwd
-def _solve_bwd(states, grad_obj, perturbed, problem, guess, solver, rtol, atol, max_steps, trace, throw):
+def _solve_bwd(
+    states, grad_obj, perturbed, problem, guess, solver, rtol, atol, max_steps, trace, throw
+):
     del perturbed, guess, max_steps, trace
     cotangent = grad_obj.states
     if cotangent is None:

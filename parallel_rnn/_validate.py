@@ -11,7 +11,11 @@ from ._problem import StateSpec, make_spec
 
 
 def _describe(tree: PyTree) -> str:
-    return str(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree))
+    return str(
+        jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
+        )
+    )
 
 
 def check_inputs(inputs: PyTree) -> int:
@@ -22,14 +26,12 @@ def check_inputs(inputs: PyTree) -> int:
     shapes = [jnp.shape(leaf) for leaf in leaves]
     if any(len(s) == 0 for s in shapes):
         raise ValueError(
-            "every leaf of `inputs` needs a leading time axis; got leaf shapes "
-            f"{shapes}"
+            f"every leaf of `inputs` needs a leading time axis; got leaf shapes {shapes}"
         )
     lengths = {s[0] for s in shapes}
     if len(lengths) != 1:
         raise ValueError(
-            "all leaves of `inputs` must share the leading time axis T; got leaf shapes "
-            f"{shapes}"
+            f"all leaves of `inputs` must share the leading time axis T; got leaf shapes {shapes}"
         )
     (T,) = lengths
     if T == 0:
@@ -54,13 +56,13 @@ def check_state(init_state: PyTree) -> StateSpec:
     return make_spec(init_state)
 
 
-def check_cell(
-    cell: Callable, x_t: PyTree, init_state: PyTree, method: str = "cell"
-) -> None:
+def check_cell(cell: Callable, x_t: PyTree, init_state: PyTree, method: str = "cell") -> None:
     """The cell must map `init_state` to a state of the same structure, shapes and dtypes."""
     if not callable(cell):
         raise TypeError(f"`{method}` must be callable as `cell(input_t, state)`; got {type(cell)}")
-    expected = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), init_state)
+    expected = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), init_state
+    )
     try:
         got = eqx.filter_eval_shape(cell, x_t, init_state)
     except Exception as e:  # surface the user's error with our context
@@ -94,8 +96,10 @@ def check_guess(guess: PyTree, init_state: PyTree, T: int) -> None:
             f"T={T} on every leaf; expected shapes {want}, got {_describe(guess)}"
         )
     got = jax.tree_util.tree_map(jnp.shape, guess)
-    for g, w in zip(jax.tree_util.tree_leaves(got, is_leaf=lambda x: isinstance(x, tuple)),
-                    jax.tree_util.tree_leaves(want, is_leaf=lambda x: isinstance(x, tuple))):
+    for g, w in zip(
+        jax.tree_util.tree_leaves(got, is_leaf=lambda x: isinstance(x, tuple)),
+        jax.tree_util.tree_leaves(want, is_leaf=lambda x: isinstance(x, tuple)),
+    ):
         if tuple(g) != tuple(w):
             raise ValueError(
                 f"`guess` has the wrong shape: expected leaf shapes {want} (leading axis "

@@ -77,9 +77,14 @@ def _one_step(solver, problem, guess, frontier):
 
 
 @pytest.mark.parametrize("frontier", [0, 7])
-@pytest.mark.parametrize("solver", [prnn.ELK(adaptive=False, posterior="smoother"),
-                                    prnn.QuasiELK(adaptive=False, posterior="smoother")],
-                         ids=["ELK", "QuasiELK"])
+@pytest.mark.parametrize(
+    "solver",
+    [
+        prnn.ELK(adaptive=False, posterior="smoother"),
+        prnn.QuasiELK(adaptive=False, posterior="smoother"),
+    ],
+    ids=["ELK", "QuasiELK"],
+)
 @pytest.mark.parametrize("scan", ["associative", "sequential"])
 def test_step_solves_dense_normal_equations(solver, scan, frontier):
     solver = eqx.tree_at(lambda s: (s.damping, s.scan), solver, (0.3, scan))
@@ -96,7 +101,12 @@ def test_zero_damping_reproduces_the_deer_step():
     problem = _flat_problem(cell, xs, s0)
     guess = 0.3 * jax.random.normal(jax.random.key(9), (T, 5), jnp.float64)
     for damped, undamped in [(prnn.ELK, prnn.DEER), (prnn.QuasiELK, prnn.QuasiDEER)]:
-        _, a = _one_step(damped(damping=1e-12, adaptive=False, posterior="smoother"), problem, guess, jnp.int32(0))
+        _, a = _one_step(
+            damped(damping=1e-12, adaptive=False, posterior="smoother"),
+            problem,
+            guess,
+            jnp.int32(0),
+        )
         _, b = _one_step(undamped(), problem, guess, jnp.int32(0))
         np.testing.assert_allclose(a.states, b.states, rtol=0, atol=1e-9)
 
@@ -165,7 +175,13 @@ def test_chaotic_lorenz96_converges_within_T_with_finite_states(solver):
         prnn.QuasiELK(damping=1e-2, adaptive=False, posterior="filter"),
         prnn.QuasiELK(scan="associative"),
     ],
-    ids=["ELK-fixed", "QuasiELK-fixed", "ELK-adaptive-smoother", "QuasiELK-fixed-filter", "QuasiELK-assoc"],
+    ids=[
+        "ELK-fixed",
+        "QuasiELK-fixed",
+        "ELK-adaptive-smoother",
+        "QuasiELK-fixed-filter",
+        "QuasiELK-assoc",
+    ],
 )
 def test_options_converge_to_the_scan(solver):
     cell, xs, s0 = gru(jnp.float64, scale=2.0)
@@ -200,5 +216,6 @@ def test_gradients_match_autodiff_through_scan(solver):
     for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-10)
     gx = jax.grad(lambda x: loss(cell, x, s0, par))(xs)
-    np.testing.assert_allclose(gx, jax.grad(lambda x: loss(cell, x, s0, scan_reference))(xs),
-                               rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(
+        gx, jax.grad(lambda x: loss(cell, x, s0, scan_reference))(xs), rtol=1e-6, atol=1e-10
+    )

@@ -148,6 +148,8 @@ def test_zero_precision_is_the_linear_recurrence_and_large_precision_the_observa
 def test_traced_precision_and_shape_errors():
     A, b, y = problem(jnp.float64, False)
     ref = _kalman.kalman_smoother(A, b, 0.3, method="sequential")[0]  # y=None means zeros
-    np.testing.assert_allclose(kalman_smoother(A, b, 0.3, 0 * y, method="associative")[0], ref, atol=1e-12)
+    np.testing.assert_allclose(
+        kalman_smoother(A, b, 0.3, 0 * y, method="associative")[0], ref, atol=1e-12
+    )
     with pytest.raises(ValueError, match="shape"):
         _kalman.kalman_smoother(A[:, :2], b, 0.3)

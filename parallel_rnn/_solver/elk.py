@@ -94,7 +94,9 @@ class _AbstractELK(AbstractSolver):
         jac = lax.dynamic_update_slice_in_dim(iterate.jac, j1, idx, 0)
         return fs, jac
 
-    def step(self, problem: Problem, iterate: Iterate, state: _DampingState, frontier: Int[Array, ""]):
+    def step(
+        self, problem: Problem, iterate: Iterate, state: _DampingState, frontier: Int[Array, ""]
+    ):
         s, jac = iterate.states, iterate.jac
         T = s.shape[0]
         r = s - iterate.fs
