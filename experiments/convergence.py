@@ -16,6 +16,9 @@ and `.png` (log scale), and prints a table of iterations to tolerance, whether i
 converged, and the wall-clock time of the solve after compilation.
 """
 
+import argparse
+
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -103,12 +106,15 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--cases", nargs="+", default=["gru", "gru_unstable", "lorenz96"])
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.dtype(args.dtype)
-    T, hidden = (300, 8) if args.quick else (1000, 16)
-    reps = args.reps or (1 if args.quick else 3)
+    if args.smoke:  # seconds: the plumbing end to end, for the tests
+        args.cases = ["gru"]
+    T, hidden = (20, 4) if args.smoke else (300, 8) if args.quick else (1000, 16)
+    reps = args.reps or (1 if args.quick or args.smoke else 3)
 
     all_rows = []
     with progress(range(len(args.cases) * len(SOLVERS)), desc="runs") as bar:
@@ -140,6 +146,7 @@ def main(argv=None):
             ],
         )
     )
+    return all_rows
 
 
 if __name__ == "__main__":
