@@ -12,6 +12,20 @@ import equinox as eqx
 import jax
 
 
+SOLVER_NAMES = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Picard", "Jacobi")
+
+
+def available_solvers(names=SOLVER_NAMES) -> dict:
+    """Default-configured solvers of `names` that this version of `parallel_rnn` has.
+
+    A solver's `jacobian` attribute (`"dense"` or `"diagonal"`) says whether it
+    stores `T·D²` Jacobian entries.
+    """
+    import parallel_rnn as prnn
+
+    return {n: getattr(prnn, n)() for n in names if hasattr(prnn, n)}
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the options every study takes."""
     p = argparse.ArgumentParser(description=description)

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import parallel_rnn as prnn
 
 from ._common import (
+    SOLVER_NAMES,
+    available_solvers,
     compiled_memory,
     format_table,
     parser,
@@ -29,8 +31,8 @@ from ._common import (
 )
 
 
-DENSE = ("DEER", "ELK")
-SOLVERS = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Jacobi")
+# Picard needs ~T iterations on these cells (see the convergence study).
+SOLVERS = tuple(n for n in SOLVER_NAMES if n != "Picard")
 
 
 def make_cell(kind: str, D: int, key):
@@ -62,12 +64,9 @@ def bench_one(kind, D, T, reps, max_dense_bytes, solvers=SOLVERS):
     seq = eqx.filter_jit(prnn.solve_sequential)
     t_seq, _ = time_fn(lambda: seq(cell, xs, s0), reps)
     rows = []
-    for name in solvers:
-        if not hasattr(prnn, name):
-            continue
-        solver = getattr(prnn, name)()
+    for name, solver in available_solvers(solvers).items():
         row = dict(cell=kind, D=D, T=T, solver=name, eval_ms=1e3 * t_eval, seq_ms=1e3 * t_seq)
-        dense = name in DENSE
+        dense = solver.jacobian == "dense"
         unit = T * D_flat * (D_flat if dense else 1) * 4
         if dense and unit > max_dense_bytes:
             rows.append(dict(row, status="skipped (dense arrays too large)"))

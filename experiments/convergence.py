@@ -18,7 +18,6 @@ converged, and the wall-clock time of the solve after compilation.
 
 import argparse
 
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp

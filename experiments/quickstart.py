@@ -16,14 +16,7 @@ import numpy as np
 
 import parallel_rnn as prnn
 
-from ._common import format_table, parser, progress, pyplot, time_fn, write_csv
-
-
-SOLVER_NAMES = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Picard", "Jacobi")
-
-
-def available_solvers() -> dict[str, prnn.AbstractSolver]:
-    return {n: getattr(prnn, n)() for n in SOLVER_NAMES if hasattr(prnn, n)}
+from ._common import available_solvers, format_table, parser, progress, pyplot, time_fn, write_csv
 
 
 def main(argv=None) -> list[dict]:

@@ -44,6 +44,8 @@ import numpy as np
 import parallel_rnn as prnn
 
 from ._common import (
+    SOLVER_NAMES,
+    available_solvers,
     executable_memory,
     format_table,
     parser,
@@ -54,20 +56,8 @@ from ._common import (
 )
 
 
-SOLVER_NAMES = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Picard", "Jacobi")
-DENSE = ("DEER", "ELK")  # the solvers that store T·D² Jacobian entries
 FULL_T = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
 FULL_D = (1, 2, 4, 8, 16, 32, 64)
-
-
-def available_solvers(names=SOLVER_NAMES) -> dict[str, prnn.AbstractSolver]:
-    """The solvers of `names` that this version of `parallel_rnn` has."""
-    out = {}
-    for name in names:
-        cls = getattr(prnn, name, None)
-        if cls is not None:
-            out[name] = cls()
-    return out
 
 
 def make_cell(dim: int, key) -> tuple[eqx.Module, str]:
@@ -239,7 +229,7 @@ def main(argv=None) -> list[dict]:
             for name, solver in solvers.items():
                 row = dict(common, method=name, speedup="")
                 dense_bytes = 4 * batch * T * D * D
-                if name in DENSE and dense_bytes > args.max_bytes:
+                if solver.jacobian == "dense" and dense_bytes > args.max_bytes:
                     rows.append(
                         dict(
                             row,
