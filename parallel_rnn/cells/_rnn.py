@@ -24,7 +24,48 @@ def _block_diagonals(weight: Array, blocks: int) -> list[Array]:
     return [jnp.diagonal(w) for w in jnp.split(weight, blocks)]
 
 
-class GRU(eqx.Module):
+class _EquinoxCellWrapper(eqx.Module):
+    """Holds one of Equinox's cells (`cell`) and computes exactly its function."""
+
+    cell: eqx.AbstractVar[eqx.Module]
+    _wrapped: eqx.AbstractClassVar[type]
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        use_bias: bool = True,
+        dtype=None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        self.cell = self._wrapped(input_size, hidden_size, use_bias, dtype, key=key)
+
+    @classmethod
+    def wrap(cls, cell):
+        """A wrapper computing exactly `cell` (same weights, no copy)."""
+        if not isinstance(cell, cls._wrapped):
+            raise TypeError(f"{cls.__name__}.wrap expects {cls._wrapped}; got {type(cell)}")
+        # Build a throwaway shell of the right sizes, then put `cell` in it.
+        shell = cls(
+            cell.input_size,
+            cell.hidden_size,
+            cell.use_bias,
+            cell.weight_hh.dtype,
+            key=jax.random.key(0),
+        )
+        return eqx.tree_at(lambda w: w.cell, shell, cell)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cell.hidden_size
+
+    @property
+    def input_size(self) -> int:
+        return self.cell.input_size
+
+
+class GRU(_EquinoxCellWrapper):
     """`eqx.nn.GRUCell`, plus its Jacobian diagonal in closed form.
 
     Called as `cell(input_t, h) -> h'`, with Equinox's gate layout:
@@ -38,40 +79,7 @@ class GRU(eqx.Module):
     """
 
     cell: eqx.nn.GRUCell
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        use_bias: bool = True,
-        dtype=None,
-        *,
-        key: PRNGKeyArray,
-    ):
-        self.cell = eqx.nn.GRUCell(input_size, hidden_size, use_bias, dtype, key=key)
-
-    @classmethod
-    def wrap(cls, cell: eqx.nn.GRUCell) -> "GRU":
-        """A `GRU` computing exactly `cell` (same weights, no copy)."""
-        if not isinstance(cell, eqx.nn.GRUCell):
-            raise TypeError(f"GRU.wrap expects an eqx.nn.GRUCell; got {type(cell)}")
-        # Build a throwaway shell of the right sizes, then put `cell` in it.
-        shell = cls(
-            cell.input_size,
-            cell.hidden_size,
-            cell.use_bias,
-            cell.weight_hh.dtype,
-            key=jax.random.key(0),
-        )
-        return eqx.tree_at(lambda g: g.cell, shell, cell)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.cell.hidden_size
-
-    @property
-    def input_size(self) -> int:
-        return self.cell.input_size
+    _wrapped = eqx.nn.GRUCell
 
     def __call__(self, input_t: Float[Array, " M"], h: Float[Array, " D"]) -> Float[Array, " D"]:
         return self.cell(input_t, h)
@@ -107,7 +115,7 @@ class GRU(eqx.Module):
         return self.value_and_diagonal_jacobian(input_t, h)[1]
 
 
-class LSTM(eqx.Module):
+class LSTM(_EquinoxCellWrapper):
     """`eqx.nn.LSTMCell`, plus its Jacobian diagonal in closed form.
 
     Called as `cell(input_t, (h, c)) -> (h', c')`, with Equinox's gate layout
@@ -124,39 +132,7 @@ class LSTM(eqx.Module):
     """
 
     cell: eqx.nn.LSTMCell
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        use_bias: bool = True,
-        dtype=None,
-        *,
-        key: PRNGKeyArray,
-    ):
-        self.cell = eqx.nn.LSTMCell(input_size, hidden_size, use_bias, dtype, key=key)
-
-    @classmethod
-    def wrap(cls, cell: eqx.nn.LSTMCell) -> "LSTM":
-        """An `LSTM` computing exactly `cell` (same weights, no copy)."""
-        if not isinstance(cell, eqx.nn.LSTMCell):
-            raise TypeError(f"LSTM.wrap expects an eqx.nn.LSTMCell; got {type(cell)}")
-        shell = cls(
-            cell.input_size,
-            cell.hidden_size,
-            cell.use_bias,
-            cell.weight_hh.dtype,
-            key=jax.random.key(0),
-        )
-        return eqx.tree_at(lambda m: m.cell, shell, cell)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.cell.hidden_size
-
-    @property
-    def input_size(self) -> int:
-        return self.cell.input_size
+    _wrapped = eqx.nn.LSTMCell
 
     def __call__(
         self, input_t: Float[Array, " M"], state: tuple[Array, Array]
