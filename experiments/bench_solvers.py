@@ -3,10 +3,12 @@
     python -m experiments.bench_solvers [--quick] [--cells gru lstm] [--D 4 16 64] [--T 10000 100000]
 
 For each cell, D and T (float32) it prints, measured in one run: the time of one
-batched cell evaluation over all T steps (`jax.vmap`), of the sequential scan,
+batched cell evaluation over all T steps (`jax.vmap`), of one linear-recurrence
+pass alone (dense for the dense solvers, diagonal for the others: `scan_ms`), of
+the sequential scan,
 and for each solver the total solve time, iterations, marginal time per iteration
-((t(n) - t(1)) / (n - 1)), the ratios per-iteration / batched evaluation and
-total / sequential, and the peak memory of the compiled solve as a ratio to
+((t(9) - t(1)) / 8 at zero tolerance), the ratios per-iteration / batched evaluation,
+per-iteration / linear scan and total / sequential, and the peak memory of the compiled solve as a ratio to
 T·D·4 bytes (quasi solvers) or T·D²·4 bytes (dense solvers).
 """
 
@@ -31,6 +33,8 @@ from ._common import (
 )
 
 
+EXTRA = 8  # iterations added to measure the marginal time of one
+
 # Picard needs ~T iterations on these cells (see the convergence study).
 SOLVERS = tuple(n for n in SOLVER_NAMES if n != "Picard")
 
@@ -51,6 +55,25 @@ def init_state(kind: str, D: int):
     return (h, h) if kind == "lstm" else h
 
 
+def linear_scan_times(T: int, D: int, reps: int, max_dense_bytes: float) -> dict:
+    """Seconds of one linear-recurrence pass alone, dense `(T, D, D)` and diagonal `(T, D)`.
+
+    The scan method is the library's automatic choice for this backend (the same one
+    the solvers use), so these are the per-iteration floors besides the cell.
+    """
+    from parallel_rnn._scan import dense_recurrence, diagonal_recurrence
+
+    key_a, key_b = jax.random.split(jax.random.key(2))
+    b = jax.random.normal(key_b, (T, D), jnp.float32)
+    a = 0.9 * jax.random.uniform(key_a, (T, D), jnp.float32)
+    t_diag, _ = time_fn(lambda: jax.jit(diagonal_recurrence)(a, b), reps)
+    t_dense = None
+    if T * D * D * 4 <= max_dense_bytes:
+        A = jax.random.normal(key_a, (T, D, D), jnp.float32) / (2 * D**0.5)
+        t_dense, _ = time_fn(lambda: jax.jit(dense_recurrence)(A, b), reps)
+    return {"diagonal": t_diag, "dense": t_dense}
+
+
 def bench_one(kind, D, T, reps, max_dense_bytes, solvers=SOLVERS):
     cell = make_cell(kind, D, jax.random.key(0))
     xs = jax.random.normal(jax.random.key(1), (T, 4), jnp.float32)
@@ -63,20 +86,35 @@ def bench_one(kind, D, T, reps, max_dense_bytes, solvers=SOLVERS):
     t_eval, _ = time_fn(lambda: batched(cell, xs, prev), reps)
     seq = eqx.filter_jit(prnn.solve_sequential)
     t_seq, _ = time_fn(lambda: seq(cell, xs, s0), reps)
+    t_scan = linear_scan_times(T, D_flat, reps, max_dense_bytes)
     rows = []
     for name, solver in available_solvers(solvers).items():
-        row = dict(cell=kind, D=D, T=T, solver=name, eval_ms=1e3 * t_eval, seq_ms=1e3 * t_seq)
         dense = solver.jacobian == "dense"
+        t_lin = t_scan["dense" if dense else "diagonal"]
+        row = dict(
+            cell=kind,
+            D=D,
+            T=T,
+            solver=name,
+            eval_ms=1e3 * t_eval,
+            seq_ms=1e3 * t_seq,
+            scan_ms=None if t_lin is None else 1e3 * t_lin,
+        )
         unit = T * D_flat * (D_flat if dense else 1) * 4
         if dense and unit > max_dense_bytes:
             rows.append(dict(row, status="skipped (dense arrays too large)"))
             continue
-        run = lambda n: prnn.solve_parallel(cell, xs, s0, solver, max_steps=n, throw=False)
+        run = lambda n, tol=None: prnn.solve_parallel(
+            cell, xs, s0, solver, max_steps=n, rtol=tol, atol=tol, throw=False
+        )
         sol = run(T)
         n = int(sol.num_steps)
         t_total, spread = time_fn(lambda: run(T), reps)
-        t_one, _ = time_fn(lambda: run(1), reps)
-        per_iter = (t_total - t_one) / (n - 1) if n > 1 else t_total
+        # Marginal cost of an iteration: with a zero tolerance the loop never stops
+        # early, so 1 and 1 + EXTRA iterations differ by exactly EXTRA iterations.
+        t_one, _ = time_fn(lambda: run(1, 0.0), reps)
+        t_more, _ = time_fn(lambda: run(1 + EXTRA, 0.0), reps)
+        per_iter = (t_more - t_one) / EXTRA
         mem = compiled_memory(prnn.solve_parallel, cell, xs, s0, solver, throw=False)
         rows.append(
             dict(
@@ -87,6 +125,7 @@ def bench_one(kind, D, T, reps, max_dense_bytes, solvers=SOLVERS):
                 spread_ms=1e3 * spread,
                 per_iter_ms=1e3 * per_iter,
                 per_iter_over_eval=per_iter / t_eval,
+                per_iter_over_scan=None if t_lin is None else per_iter / t_lin,
                 total_over_seq=t_total / t_seq,
                 mem_MB=None if mem is None else mem / 1e6,
                 mem_over_unit=None if mem is None else mem / unit,
@@ -126,6 +165,8 @@ def main(argv=None) -> list[dict]:
         "per_iter_ms",
         "eval_ms",
         "per_iter_over_eval",
+        "scan_ms",
+        "per_iter_over_scan",
         "seq_ms",
         "total_over_seq",
         "mem_MB",

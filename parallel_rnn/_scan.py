@@ -67,10 +67,14 @@ def dense_recurrence(
     `A[0]` (`A[-1]` when reversed) multiplies the zero boundary value and is unused.
     """
     if resolve_method(method) == "sequential":
+        # On CPU a tiny matvec as a dot is a library call per step; as a multiply
+        # and a row sum it is one fused loop, about 1.5-3x faster up to D = 32
+        # (measured at T = 1e5), slower beyond. Both are exact float products.
+        matvec = _matvec if b.shape[-1] > 32 else lambda A_t, x: jnp.sum(A_t * x, axis=-1)
 
         def step(x, ab):
             A_t, b_t = ab
-            x = _matvec(A_t, x) + b_t
+            x = matvec(A_t, x) + b_t
             return x, x
 
         _, xs = lax.scan(step, jnp.zeros_like(b[0]), (A, b), reverse=reverse)

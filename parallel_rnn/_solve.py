@@ -14,7 +14,14 @@ from ._solution import Solution
 from ._solver.base import AbstractSolver
 from ._solver.deer import QuasiDEER
 from ._tolerance import default_tolerances
-from ._validate import check_cell, check_guess, check_inputs, check_options, check_state
+from ._validate import (
+    check_cell,
+    check_guess,
+    check_inputs,
+    check_jacobian,
+    check_options,
+    check_state,
+)
 
 
 _NOT_CONVERGED = (
@@ -73,7 +80,11 @@ def _flat_cell(cell: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec)
         both = eqx.filter_closure_convert(both, x_t, init_state)
     else:
         both = None
-    return FlatCell(fn, diag, spec, both)
+    dense = getattr(cell, "value_and_jacobian", None)
+    if dense is not None:
+        check_jacobian(dense, x_t, init_state, spec)
+        dense = eqx.filter_closure_convert(dense, x_t, init_state)
+    return FlatCell(fn, diag, spec, both, dense)
 
 
 @eqx.filter_jit
@@ -99,7 +110,9 @@ def solve_parallel(
 
     - `cell`: any callable `cell(input_t, state) -> new_state` (Equinox's argument
       order: `eqx.nn.GRUCell`, `eqx.nn.LSTMCell` work unchanged). If it has a method
-      `diagonal_jacobian(input_t, state)`, the quasi solvers use it.
+      `diagonal_jacobian(input_t, state)`, the quasi solvers use it; if it has
+      `value_and_jacobian(input_t, state) -> (new_state, (D, D) array)`, the dense
+      solvers use it instead of `jax.jacfwd`.
     - `inputs`: pytree whose leaves share the leading time axis `T >= 1`.
     - `init_state`: `s_0`, a pytree of floating arrays (one dtype).
     - `solver`: a solver configuration: `DEER()`, `QuasiDEER()` (the default:

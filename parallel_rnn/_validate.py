@@ -70,6 +70,10 @@ def check_cell(cell: Callable, x_t: PyTree, init_state: PyTree, method: str = "c
             f"calling `{method}(input_t, state)` failed with input_t = {_describe(x_t)} and "
             f"state = {_describe(init_state)}: {e}"
         ) from e
+    _check_like_state(got, expected, method)
+
+
+def _check_like_state(got: PyTree, expected: PyTree, method: str) -> None:
     if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(expected):
         raise ValueError(
             f"`{method}` must return a state with the structure of `init_state`; "
@@ -86,6 +90,31 @@ def check_cell(cell: Callable, x_t: PyTree, init_state: PyTree, method: str = "c
                 f"`{method}` changes the state's dtype: init_state is {expected} but "
                 f"{method}(input_t, init_state) returned {got}"
             )
+
+
+def check_jacobian(method: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> None:
+    """`cell.value_and_jacobian` must return `(new_state, (D, D) array)`."""
+    name = "cell.value_and_jacobian"
+    try:
+        value, jac = eqx.filter_eval_shape(method, x_t, init_state)
+    except Exception as e:
+        raise TypeError(
+            f"calling `{name}(input_t, state)` failed, or did not return a pair "
+            f"(new_state, jacobian), with input_t = {_describe(x_t)} and "
+            f"state = {_describe(init_state)}: {e}"
+        ) from e
+    expected = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), init_state
+    )
+    _check_like_state(value, expected, name)
+    D = spec.size
+    if not hasattr(jac, "shape") or tuple(jac.shape) != (D, D):
+        raise ValueError(
+            f"`{name}` must return the Jacobian of the flattened state as a ({D}, {D}) "
+            f"array (D = total size of `init_state` = {D}); got {_describe(jac)}"
+        )
+    if not jnp.issubdtype(jac.dtype, jnp.floating):
+        raise TypeError(f"`{name}` must return a floating Jacobian; got {_describe(jac)}")
 
 
 def check_guess(guess: PyTree, init_state: PyTree, T: int) -> None:

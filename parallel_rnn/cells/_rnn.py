@@ -1,9 +1,12 @@
-"""GRU, LSTM and Elman cells with closed-form Jacobian diagonals.
+"""GRU, LSTM and Elman cells with closed-form Jacobians and Jacobian diagonals.
 
 `GRU` and `LSTM` hold Equinox's own cells and compute exactly their functions;
 what they add is `diagonal_jacobian(input_t, state)`, the diagonal of
 `∂new_state/∂state` in `O(D)` on top of one step (the gates are shared), where
-autodiff needs `D` JVP passes. The formulas are ALGORITHMS.md §2.3.
+autodiff needs `D` JVP passes (ALGORITHMS.md §2.3), and `value_and_jacobian`,
+the full Jacobian written from the gates in one pass over `D×D` (a few scaled
+copies of the recurrent weights), where `jax.jacfwd` pushes `D` tangents through
+every intermediate of the step.
 """
 
 import math
@@ -22,6 +25,11 @@ def _default_dtype(dtype):
 def _block_diagonals(weight: Array, blocks: int) -> list[Array]:
     """Diagonals of the `blocks` stacked square `(D, D)` blocks of a `(blocks·D, D)` matrix."""
     return [jnp.diagonal(w) for w in jnp.split(weight, blocks)]
+
+
+def _diag(v: Float[Array, " D"]) -> Float[Array, "D D"]:
+    """`jnp.diag(v)` as a product with the identity, which XLA fuses into its consumer."""
+    return v[:, None] * jnp.eye(v.shape[0], dtype=v.dtype)
 
 
 class _EquinoxCellWrapper(eqx.Module):
@@ -106,6 +114,33 @@ class GRU(_EquinoxCellWrapper):
         diag = (1 - z) * dn + z + (h - n) * dz
         return new, diag
 
+    def value_and_jacobian(
+        self, input_t: Float[Array, " M"], h: Float[Array, " D"]
+    ) -> tuple[Float[Array, " D"], Float[Array, "D D"]]:
+        """`(h', ∂h'/∂h)`, the Jacobian as
+        `diag(α) W_hz + diag(β) W_hr + diag(γ) W_hn + diag(z)` with
+        `α = (h-n) z(1-z)`, `β = (1-z)(1-n²)(W_hn h + b_hn) r(1-r)`, `γ = (1-z)(1-n²) r`."""
+        cell = self.cell
+        bias = cell.bias if cell.use_bias else 0
+        bias_n = cell.bias_n if cell.use_bias else 0
+        i_r, i_z, i_n = jnp.split(cell.weight_ih @ input_t + bias, 3)
+        h_r, h_z, h_n = jnp.split(cell.weight_hh @ h, 3)
+        r = jax.nn.sigmoid(i_r + h_r)
+        z = jax.nn.sigmoid(i_z + h_z)
+        c_n = h_n + bias_n
+        n = jnp.tanh(i_n + r * c_n)
+        new = n + z * (h - n)
+
+        w_r, w_z, w_n = jnp.split(cell.weight_hh, 3)
+        dn = (1 - z) * (1 - n**2)
+        alpha = (h - n) * z * (1 - z)
+        beta = dn * c_n * r * (1 - r)
+        gamma = dn * r
+        # One elementwise pass writes each D×D matrix (`_diag`, not `jnp.diag`:
+        # the latter's broadcast-and-select is materialised under vmap).
+        jac = alpha[:, None] * w_z + beta[:, None] * w_r + gamma[:, None] * w_n + _diag(z)
+        return new, jac
+
     def diagonal_jacobian(
         self, input_t: Float[Array, " M"], h: Float[Array, " D"]
     ) -> Float[Array, " D"]:
@@ -158,6 +193,34 @@ class LSTM(_EquinoxCellWrapper):
         dc_dh = c * f * (1 - f) * w_f + g * i * (1 - i) * w_i + i * (1 - g**2) * w_g
         dh_dh = tanh_c * o * (1 - o) * w_o + o * (1 - tanh_c**2) * dc_dh
         return (h_new, c_new), (dh_dh, f)
+
+    def value_and_jacobian(
+        self, input_t: Float[Array, " M"], state: tuple[Array, Array]
+    ) -> tuple[tuple[Array, Array], Float[Array, "2D 2D"]]:
+        """`((h', c'), J)` with `J` the `2D × 2D` Jacobian in the state order `(h, c)`:
+        `[[∂h'/∂h, ∂h'/∂c], [∂c'/∂h, diag(f)]]`."""
+        h, c = state
+        cell = self.cell
+        lin = cell.weight_ih @ input_t + cell.weight_hh @ h
+        if cell.use_bias:
+            lin = lin + cell.bias
+        i, f, g, o = jnp.split(lin, 4)
+        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+        c_new = f * c + i * g
+        tanh_c = jnp.tanh(c_new)
+        h_new = o * tanh_c
+
+        w_i, w_f, w_g, w_o = jnp.split(cell.weight_hh, 4)
+        dc_dh = (
+            (c * f * (1 - f))[:, None] * w_f
+            + (g * i * (1 - i))[:, None] * w_i
+            + (i * (1 - g**2))[:, None] * w_g
+        )
+        through_c = o * (1 - tanh_c**2)
+        dh_dh = (tanh_c * o * (1 - o))[:, None] * w_o + through_c[:, None] * dc_dh
+        top = jnp.concatenate([dh_dh, _diag(through_c * f)], axis=1)
+        bottom = jnp.concatenate([dc_dh, _diag(f)], axis=1)
+        return (h_new, c_new), jnp.concatenate([top, bottom], axis=0)
 
     def diagonal_jacobian(
         self, input_t: Float[Array, " M"], state: tuple[Array, Array]
@@ -222,6 +285,13 @@ class Elman(eqx.Module):
         """`(s', diag ∂s'/∂s)`."""
         new = self(input_t, s)
         return new, (1 - new**2) * jnp.diagonal(self.weight_hh)
+
+    def value_and_jacobian(
+        self, input_t: Float[Array, " M"], s: Float[Array, " D"]
+    ) -> tuple[Float[Array, " D"], Float[Array, "D D"]]:
+        """`(s', ∂s'/∂s = diag(1 - s'²) W)`."""
+        new = self(input_t, s)
+        return new, (1 - new**2)[:, None] * self.weight_hh
 
     def diagonal_jacobian(
         self, input_t: Float[Array, " M"], s: Float[Array, " D"]
