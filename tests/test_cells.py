@@ -2,6 +2,7 @@
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import pytest
 
@@ -88,6 +89,39 @@ def test_diagonal_jacobian_equals_diagonal_of_jacfwd(name):
     assert float(jnp.max(d_err)) < 1e-10
     assert float(jnp.max(d2_err)) < 1e-10
     assert float(jnp.max(v_err)) < 1e-12
+
+
+DENSE = ["gru", "lstm", "elman"]  # the cells with a closed-form value_and_jacobian
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_value_and_jacobian_equals_jacfwd_of_flat_state(name):
+    cell, s0 = CELLS[name]()
+
+    def errors(key):
+        k1, k2 = jax.random.split(key)
+        x = _inputs(name, 1, k1)[0]
+        s = _random_state(s0, k2, 2.0)
+        flat, unravel = jax.flatten_util.ravel_pytree(s)
+        ref = jax.jacfwd(lambda f: jax.flatten_util.ravel_pytree(cell(x, unravel(f)))[0])(flat)
+        value, jac = cell.value_and_jacobian(x, s)
+        return jnp.max(jnp.abs(jac - ref)), _tree_err(value, cell(x, s))
+
+    j_err, v_err = jax.jit(jax.vmap(errors))(jax.random.split(jax.random.key(11), 4))
+    assert float(jnp.max(j_err)) < 1e-12
+    assert float(jnp.max(v_err)) == 0.0
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_value_and_jacobian_keeps_float32(name):
+    cell, s0 = CELLS[name]()
+    cell = jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, cell
+    )
+    s0 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), s0)
+    value, jac = cell.value_and_jacobian(jnp.ones(M, jnp.float32), s0)
+    assert jac.dtype == jnp.float32
+    assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(value))
 
 
 def _tree_err(a, b):

@@ -103,3 +103,16 @@ def test_overflowing_cell_never_leaks_non_finite_states():
     sol = prnn.solve_parallel(lambda x, s: s * 1e30 + 1.0, XS, H0, prnn.DEER(), throw=False)
     assert not bool(sol.converged)
     assert bool(jnp.all(jnp.isfinite(sol.states)))
+
+
+class _WrongJacobianCell(eqx.Module):
+    def __call__(self, x, s):
+        return jnp.tanh(s + x)
+
+    def value_and_jacobian(self, x, s):
+        return self(x, s), jnp.zeros((3, 3))  # D is 2
+
+
+def test_value_and_jacobian_of_wrong_shape_is_refused():
+    with pytest.raises(ValueError, match=r"value_and_jacobian.*\(2, 2\)"):
+        prnn.solve_parallel(_WrongJacobianCell(), jnp.zeros((4, 2)), jnp.zeros(2), prnn.DEER())
