@@ -1,14 +1,16 @@
-"""Per-iteration cost of every solver against its floor: one batched cell evaluation.
+"""Per-iteration cost of every solver against its floors: one batched cell evaluation
+and one linear-recurrence pass.
 
-    python -m experiments.bench_solvers [--quick] [--cells gru lstm] [--D 4 16 64] [--T 10000 100000]
+    python -m experiments.bench_solvers [--quick] [--cells gru lstm] [--D 4 16 64]
+        [--T 10000 100000]
 
 For each cell, D and T (float32) it prints, measured in one run: the time of one
 batched cell evaluation over all T steps (`jax.vmap`), of one linear-recurrence
 pass alone (dense for the dense solvers, diagonal for the others: `scan_ms`), of
-the sequential scan,
-and for each solver the total solve time, iterations, marginal time per iteration
-((t(9) - t(1)) / 8 at zero tolerance), the ratios per-iteration / batched evaluation,
-per-iteration / linear scan and total / sequential, and the peak memory of the compiled solve as a ratio to
+the sequential scan, and for each solver the total solve time, iterations, the
+marginal time per iteration ((t(9) - t(1)) / 8 at zero tolerance), the ratios
+per-iteration / batched evaluation, per-iteration / linear scan and
+total / sequential, and the peak memory of the compiled solve as a ratio to
 T·D·4 bytes (quasi solvers) or T·D²·4 bytes (dense solvers).
 """
 

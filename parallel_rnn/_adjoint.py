@@ -6,13 +6,18 @@ where `λ` solves the adjoint recurrence, backwards in time:
 
     λ_T = s̄_T,    λ_t = s̄_t + A_{t+1}ᵀ λ_{t+1},    A_{t+1} = ∂f/∂s(x_{t+1}, s*_t).
 
-That is itself a (linear) recurrence, so it is solved by the same machinery as
-the forward pass, on the time-reversed "adjoint cell" `λ ↦ s̄_t + A_{t+1}ᵀ λ`:
-with `DEER` (one dense reverse scan; exact in one step because the cell is
-linear) for dense solvers, and with `QuasiDEER` (diagonal reverse scans plus one
-batched VJP per iteration, `O(T D)` memory) for the others. Either way the
-answer is the exact adjoint to the tolerance, independent of the forward solver
-and of its iterations.
+That is itself a (linear) recurrence, so it is solved by the same iteration
+loop as the forward pass, in reversed time, with its safeguard and its `T`-step
+bound:
+
+- after dense solvers, by Newton with the Jacobians `A_t` computed once
+  (`_DenseAdjoint`): each step is one transposed dense reverse scan and one
+  batched matvec, and the first step is already exact up to round-off;
+- after the others, by `QuasiDEER` on the "adjoint cell" `λ ↦ s̄_t + A_{t+1}ᵀ λ`
+  (diagonal reverse scans plus one batched VJP per iteration, `O(T D)` memory).
+
+Either way the answer is the exact adjoint to the tolerance, independent of the
+forward solver and of its iterations.
 """
 
 import equinox as eqx
@@ -22,8 +27,9 @@ from jaxtyping import Array, Float, PyTree
 
 from ._iterate import Outcome, iterate
 from ._problem import FlatCell, Problem, make_spec
-from ._solver.base import AbstractSolver
-from ._solver.deer import DEER, QuasiDEER
+from ._scan import Method, transposed_recurrence
+from ._solver.base import AbstractSolver, Iterate, safeguard
+from ._solver.deer import QuasiDEER
 
 
 class _AdjointCell(eqx.Module):
@@ -48,6 +54,37 @@ def _flip(tree):
     return jax.tree_util.tree_map(lambda x: jnp.flip(x, axis=0), tree)
 
 
+class _DenseAdjoint(AbstractSolver):
+    """Newton on `λ_t = s̄_t + A_{t+1}ᵀ λ_{t+1}` with the `A_t` held fixed.
+
+    Iterates live in the reversed time of `iterate` (row `k` is `t = T - k`), so
+    its frontier and safeguard apply unchanged; `A` and `cotangent` stay in forward
+    time and are never flipped or shifted (no copy of the `(T, D, D)` array).
+    The recurrence is linear, so `f` is one batched matvec and needs no problem.
+    """
+
+    A: Float[Array, "T D D"]  # A_t = ∂f/∂s(x_t, s*_{t-1}), forward time
+    cotangent: Float[Array, "T D"]  # forward time
+    scan: Method
+    jacobian = "dense"
+
+    def _f(self, lam_reversed):
+        lam = jnp.flip(lam_reversed, axis=0)
+        mu = jnp.einsum("tji,tj->ti", self.A, lam, precision=jax.lax.Precision.HIGHEST)
+        return jnp.flip(self.cotangent + jnp.concatenate([mu[1:], jnp.zeros_like(mu[:1])]), 0)
+
+    def init(self, problem, states):
+        del problem
+        return Iterate(states, self._f(states), None), None
+
+    def step(self, problem, iterate, state, frontier):
+        del problem
+        residual = jnp.flip(iterate.fs - iterate.states, axis=0)
+        delta = jnp.flip(transposed_recurrence(self.A, residual, method=self.scan), axis=0)
+        states = safeguard(iterate.states + delta, iterate, frontier)
+        return Iterate(states, self._f(states), None), state
+
+
 def adjoint(
     problem: Problem,
     states: Float[Array, "T D"],
@@ -68,20 +105,14 @@ def adjoint(
     scale = jnp.max(jnp.abs(cotangent))
     scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1).astype(states.dtype)
     cotangent = cotangent / scale
-    x_next = jax.tree_util.tree_map(
-        lambda x: jnp.concatenate([x[1:], x[-1:]], axis=0), problem.inputs
-    )
-    valid = jnp.arange(T) < T - 1
-    adj_inputs = _flip((x_next, states, cotangent, valid))
-
-    cell = _AdjointCell(problem.fn)
-    has_diag = problem.fn.diag is not None
-    flat = FlatCell(cell, cell.diagonal if has_diag else None, make_spec(states[0]))
-    adj_problem = Problem(flat, adj_inputs, jnp.zeros((D,), states.dtype))
-
-    adj_solver = (
-        DEER(scan=solver.scan) if solver.jacobian == "dense" else QuasiDEER(scan=solver.scan)
-    )
+    if solver.jacobian == "dense":
+        _, A = problem.linearise_dense(states)
+        adj_solver, adj_problem = _DenseAdjoint(A, cotangent, solver.scan), problem
+    else:
+        adj_solver, adj_problem = (
+            QuasiDEER(scan=solver.scan),
+            _adjoint_problem(problem, states, cotangent),
+        )
     out = iterate(
         adj_problem,
         adj_solver,
@@ -92,6 +123,23 @@ def adjoint(
         trace=False,
     )
     return eqx.tree_at(lambda o: o.states, out, scale * jnp.flip(out.states, axis=0))
+
+
+def _adjoint_problem(
+    problem: Problem, states: Float[Array, "T D"], cotangent: Float[Array, "T D"]
+) -> Problem:
+    """The adjoint recurrence as a cell on reversed time, for the quasi solvers."""
+    T, D = states.shape
+    x_next = jax.tree_util.tree_map(
+        lambda x: jnp.concatenate([x[1:], x[-1:]], axis=0), problem.inputs
+    )
+    valid = jnp.arange(T) < T - 1
+    adj_inputs = _flip((x_next, states, cotangent, valid))
+
+    cell = _AdjointCell(problem.fn)
+    has_diag = problem.fn.diag is not None
+    flat = FlatCell(cell, cell.diagonal if has_diag else None, make_spec(states[0]))
+    return Problem(flat, adj_inputs, jnp.zeros((D,), states.dtype))
 
 
 def parameter_cotangents(

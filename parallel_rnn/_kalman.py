@@ -231,9 +231,11 @@ def _sequential_smoother(A, m, P, m_pred, P_pred, dense):
 
 
 def _prepare(A, b, lam, y):
-    if A.ndim not in (2, 3) or A.shape[:2] != b.shape or (A.ndim == 3 and A.shape[2] != b.shape[1]):
+    square = A.ndim == 2 or A.shape[2] == b.shape[1]
+    if A.ndim not in (2, 3) or A.shape[:2] != b.shape or not square:
         raise ValueError(
-            f"`A` must have shape (T, D, D) or (T, D) and `b` shape (T, D); got {A.shape}, {b.shape}"
+            "`A` must have shape (T, D, D) or (T, D) and `b` shape (T, D); "
+            f"got {A.shape}, {b.shape}"
         )
     y = jnp.zeros_like(b) if y is None else jnp.asarray(y, b.dtype)
     lam = jnp.broadcast_to(jnp.asarray(lam, b.dtype), b.shape[:1])

@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallel_rnn._scan import dense_recurrence, diagonal_recurrence, prefix_sum
+from parallel_rnn._scan import (
+    dense_recurrence,
+    diagonal_recurrence,
+    prefix_sum,
+    transposed_recurrence,
+)
 
 
 T, D = 37, 3  # odd T exercises the odd/even split of the associative scan
@@ -22,14 +27,31 @@ def _loop(A, b, reverse, dense):
     return out
 
 
+@pytest.mark.parametrize("width", [D, 40], ids=["small", "wide"])  # two matvec forms
 @pytest.mark.parametrize("method", ["associative", "sequential"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_dense_recurrence_matches_loop(method, reverse):
+def test_dense_recurrence_matches_loop(method, reverse, width):
     kA, kb = jax.random.split(jax.random.key(0))
-    A = 0.5 * jax.random.normal(kA, (T, D, D), jnp.float64)
-    b = jax.random.normal(kb, (T, D), jnp.float64)
+    A = (0.9 / width**0.5) * jax.random.normal(kA, (T, width, width), jnp.float64)
+    b = jax.random.normal(kb, (T, width), jnp.float64)
     got = dense_recurrence(A, b, reverse=reverse, method=method)
-    np.testing.assert_allclose(got, _loop(A, b, reverse, True), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got, _loop(A, b, reverse, True), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("width", [D, 40], ids=["small", "wide"])
+@pytest.mark.parametrize("method", ["associative", "sequential"])
+def test_transposed_recurrence_solves_the_adjoint_system(method, width):
+    # Oracle: the block-bidiagonal system (I - shifted Aᵀ) x = b, solved densely.
+    kA, kb = jax.random.split(jax.random.key(5))
+    A = (0.9 / width**0.5) * jax.random.normal(kA, (T, width, width), jnp.float64)
+    b = jax.random.normal(kb, (T, width), jnp.float64)
+    n = T * width
+    M = np.eye(n)
+    for t in range(T - 1):  # x_t - A_{t+1}ᵀ x_{t+1} = b_t
+        M[t * width : (t + 1) * width, (t + 1) * width : (t + 2) * width] = -np.asarray(A[t + 1]).T
+    exact = np.linalg.solve(M, np.asarray(b).ravel()).reshape(T, width)
+    got = transposed_recurrence(A, b, method=method)
+    np.testing.assert_allclose(got, exact, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["associative", "sequential"])

@@ -149,8 +149,8 @@ _ARGS_DOC = """
     **Arguments:**
 
     - `damping`: the initial LM damping `λ >= 0`, default `1e-3` (with
-      `adaptive=False`, the fixed one; `0` is then the undamped DEER step). It is the observation precision of the
-      Kalman model, `λ = 1/σ²` in the published code's `sigmasq`.
+      `adaptive=False`, the fixed one; `0` is then the undamped DEER step). It is
+      the observation precision of the Kalman model, `λ = 1/σ²` in the published code's `sigmasq`.
     - `adaptive`: adapt `λ` every iteration by the standard LM gain-ratio rule
       (Nielsen) on the merit `L = ½‖r‖²`: with `ρ` the actual over the predicted
       decrease of `L`, accept if `ρ > 0` and set `λ ← λ·max(1/3, 1 - (2ρ-1)³)`,
