@@ -12,13 +12,15 @@ bound:
 
 - after dense solvers, by Newton with the Jacobians `A_t` computed once
   (`_DenseAdjoint`): each step is one transposed dense reverse scan and one
-  batched matvec, and the first step is already exact up to round-off;
+  batched VJP, and the first step is already exact up to round-off;
 - after the others, by `QuasiDEER` on the "adjoint cell" `λ ↦ s̄_t + A_{t+1}ᵀ λ`
   (diagonal reverse scans plus one batched VJP per iteration, `O(T D)` memory).
 
 Either way the answer is the exact adjoint to the tolerance, independent of the
 forward solver and of its iterations.
 """
+
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -60,17 +62,19 @@ class _DenseAdjoint(AbstractSolver):
     Iterates live in the reversed time of `iterate` (row `k` is `t = T - k`), so
     its frontier and safeguard apply unchanged; `A` and `cotangent` stay in forward
     time and are never flipped or shifted (no copy of the `(T, D, D)` array).
-    The recurrence is linear, so `f` is one batched matvec and needs no problem.
+    The residual applies `Aᵀ` by autodiff (`transpose`, one batched VJP), not with
+    the stored `A`: a cell's closed-form `value_and_jacobian` only steers the
+    Newton steps, so an inexact one costs iterations, never a wrong gradient.
     """
 
     A: Float[Array, "T D D"]  # A_t = ∂f/∂s(x_t, s*_{t-1}), forward time
     cotangent: Float[Array, "T D"]  # forward time
+    transpose: Callable  # λ ↦ (A_tᵀ λ_t)_t, forward time
     scan: Method
     jacobian = "dense"
 
     def _f(self, lam_reversed):
-        lam = jnp.flip(lam_reversed, axis=0)
-        mu = jnp.einsum("tji,tj->ti", self.A, lam, precision=jax.lax.Precision.HIGHEST)
+        (mu,) = self.transpose(jnp.flip(lam_reversed, axis=0))
         return jnp.flip(self.cotangent + jnp.concatenate([mu[1:], jnp.zeros_like(mu[:1])]), 0)
 
     def init(self, problem, states):
@@ -107,7 +111,10 @@ def adjoint(
     cotangent = cotangent / scale
     if solver.jacobian == "dense":
         _, A = problem.linearise_dense(states)
-        adj_solver, adj_problem = _DenseAdjoint(A, cotangent, solver.scan), problem
+        prev = problem.shift(states)
+        _, transpose = jax.vjp(lambda p: problem.map(problem.fn, problem.inputs, p), prev)
+        adj_solver = _DenseAdjoint(A, cotangent, transpose, solver.scan)
+        adj_problem = problem
     else:
         adj_solver, adj_problem = (
             QuasiDEER(scan=solver.scan),

@@ -293,3 +293,41 @@ def test_grad_float32_is_close_to_float64_scan_autodiff():
     )
     # float32 solves stop at rtol 1e-5; the gradient inherits about that accuracy.
     assert_grads_close(actual, expected, 1e-3)
+
+
+class _SkewedJacobianGRU(eqx.Module):
+    """`cells.GRU` whose closed-form Jacobian is deliberately wrong (scaled by 0.8)."""
+
+    gru: prnn.cells.GRU
+
+    def __call__(self, x, h):
+        return self.gru(x, h)
+
+    def value_and_jacobian(self, x, h):
+        value, jac = self.gru.value_and_jacobian(x, h)
+        return value, 0.8 * jac
+
+
+def test_inexact_closed_form_jacobian_costs_iterations_not_correctness():
+    # The Jacobian only steers the Newton steps; residuals (forward) and the
+    # adjoint's residual (backward) use the cell itself, so states and gradients
+    # stay exact, only the iteration count grows.
+    gru = prnn.cells.GRU(3, 5, key=jax.random.key(40))
+    xs = jax.random.normal(jax.random.key(41), (T, 3))
+    h0 = jnp.zeros(5)
+    skewed = _SkewedJacobianGRU(gru)
+
+    def loss(cell, solve):
+        return jnp.sum(jnp.sin(solve(cell)))
+
+    exact = prnn.solve_parallel(gru, xs, h0, prnn.DEER())
+    sol = prnn.solve_parallel(skewed, xs, h0, prnn.DEER())
+    assert int(sol.num_steps) > int(exact.num_steps)
+    np.testing.assert_allclose(sol.states, scan_reference(gru, xs, h0), rtol=0, atol=1e-9)
+
+    grad = eqx.filter_grad(loss)(
+        skewed, lambda c: prnn.solve_parallel(c, xs, h0, prnn.DEER()).states
+    )
+    ref = eqx.filter_grad(loss)(gru, lambda c: scan_reference(c, xs, h0))
+    for g, r in zip(jax.tree_util.tree_leaves(grad.gru), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(g, r, rtol=RTOL, atol=1e-10)
