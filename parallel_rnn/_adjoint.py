@@ -112,7 +112,7 @@ def adjoint(
     if solver.jacobian == "dense":
         _, A = problem.linearise_dense(states)
         prev = problem.shift(states)
-        _, transpose = jax.vjp(lambda p: problem.map(problem.fn, problem.inputs, p), prev)
+        _, transpose = jax.vjp(lambda p: jax.vmap(problem.fn)(problem.inputs, p), prev)
         adj_solver = _DenseAdjoint(A, cotangent, transpose, solver.scan)
         adj_problem = problem
     else:

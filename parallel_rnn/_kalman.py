@@ -174,13 +174,60 @@ def _parallel_smoother(A, b, m, P, dense):
 
 
 # ---------------------------------------------------------------------------
+# Small dense algebra for the sequential recursions. On CPU every dot and every
+# `jnp.linalg.solve` in a scan body is a library call with a fixed cost of about a
+# microsecond (a LAPACK solve several), whatever D: a dense Kalman step cost
+# about 6 µs at D = 4. Up to D = 8 the products are written as fused multiply-
+# and-sums and the solves as Gauss–Jordan sweeps in plain array ops: every
+# matrix solved here is symmetric positive definite with eigenvalues >= 1
+# (I + λP⁻ and A P Aᵀ + I), for which elimination without pivoting is stable.
+# Measured per ELK iteration (GRU, T = 1e4): 64 -> 20 ms at D = 4, 73 -> 30-37 ms
+# at D = 8; at D = 16 the fused forms were slower than the library calls.
+
+_SMALL = 8
+
+
+def _spd_solve(M: Float[Array, "D D"], R: Float[Array, "D K"]) -> Float[Array, "D K"]:
+    """`M⁻¹ R` for symmetric positive definite `M` (Gauss–Jordan, no pivoting)."""
+    D = M.shape[-1]
+    if D > _SMALL:
+        return jnp.linalg.solve(M, R)
+    rows = jnp.arange(D)
+
+    def eliminate(k, MR):
+        M, R = MR
+        pivot_row = M[k] / M[k, k]
+        pivot_rhs = R[k] / M[k, k]
+        col = jnp.where(rows == k, 0, M[:, k])  # every row but k loses its k-th entry
+        M = M - col[:, None] * pivot_row[None, :]
+        R = R - col[:, None] * pivot_rhs[None, :]
+        return M.at[k].set(pivot_row), R.at[k].set(pivot_rhs)
+
+    _, R = lax.fori_loop(0, D, eliminate, (M, R), unroll=True)
+    return R
+
+
+# ---------------------------------------------------------------------------
 # Sequential filter and RTS smoother. Information form of the update:
 # P = (P⁻⁻¹ + λI)⁻¹ = (I + λP⁻)⁻¹ P⁻ and m = m⁻ + λ P (y - m⁻), which is exact and
 # finite for λ = 0 and for large λ.
 
 
+def _small_mm(a, b):
+    if a.shape[-1] > _SMALL:
+        return _mm(a, b)
+    return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
+
+
+def _small_mv(a, x):
+    if a.shape[-1] > _SMALL:
+        return _mv(a, x)
+    return jnp.sum(a * x[..., None, :], axis=-1)
+
+
 def _sequential_filter(A, b, y, lam, dense):
     D = b.shape[-1]
+    _mm, _mv = _small_mm, _small_mv  # noqa: N806 (shadow the dot forms in this scan)
 
     def step(carry, inp):
         m, P = carry
@@ -190,7 +237,7 @@ def _sequential_filter(A, b, y, lam, dense):
         if dense:
             m_pred = _mv(A_t, m) + b_t
             P_pred = _sym(_mm(_mm(A_t, P), _t(A_t))) + jnp.eye(D, dtype=b.dtype)
-            P = _sym(jnp.linalg.solve(jnp.eye(D, dtype=b.dtype) + lam * P_pred, P_pred))
+            P = _sym(_spd_solve(jnp.eye(D, dtype=b.dtype) + lam * P_pred, P_pred))
             m = m_pred + lam * _mv(P, y_t - m_pred)
         else:
             m_pred = A_t * m + b_t
@@ -209,11 +256,12 @@ def _sequential_filter(A, b, y, lam, dense):
 
 
 def _sequential_smoother(A, m, P, m_pred, P_pred, dense):
+    _mm, _mv = _small_mm, _small_mv  # noqa: N806
     def step(carry, inp):
         ms, Ps = carry
         m_t, P_t, F, mp, Pp = inp
         if dense:
-            E = _t(jnp.linalg.solve(Pp, _mm(F, P_t)))  # P_t Fᵀ Pp⁻¹
+            E = _t(_spd_solve(Pp, _mm(F, P_t)))  # P_t Fᵀ Pp⁻¹
             ms = m_t + _mv(E, ms - mp)
             Ps = _sym(P_t + _mm(_mm(E, Ps - Pp), _t(E)))
         else:

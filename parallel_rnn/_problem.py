@@ -17,41 +17,6 @@ import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 
-# On CPU the batched cell runs in chunks of about this many elements per T×D array
-# (256 KiB in float32): the gates of one chunk stay in cache between the fused
-# kernels that produce and consume them, which measured about twice as fast as
-# one vmap over T = 1e5 at D = 16, with half the temporary memory.
-_CPU_CHUNK_ELEMENTS = 1 << 16
-
-
-def _chunk_size(T: int, width: int) -> int:
-    """Steps per chunk: a divisor of `T` near the target (a remainder costs a concatenation)."""
-    target = max(16, _CPU_CHUNK_ELEMENTS // max(width, 1))
-    if T <= 2 * target:
-        return T
-    for size in range(target, target // 2, -1):
-        if T % size == 0:
-            return size
-    return target
-
-
-def map_steps(fn: Callable, *args: PyTree, width: int) -> PyTree:
-    """`jax.vmap(fn)(*args)` over the leading (time) axis of every leaf.
-
-    On GPU/TPU this is one `vmap`: all `T` steps in parallel. On CPU, where the
-    parallelism is a couple of cores, it runs `lax.map` over cache-sized chunks
-    of a `vmap` instead (`width` is the state size `D`, to size them); the
-    result is identical.
-    """
-    if jax.default_backend() != "cpu":
-        return jax.vmap(fn)(*args)
-    T = jax.tree_util.tree_leaves(args)[0].shape[0]
-    size = _chunk_size(T, width)
-    if size >= T:
-        return jax.vmap(fn)(*args)
-    return jax.lax.map(lambda a: fn(*a), args, batch_size=size)
-
-
 class StateSpec(eqx.Module):
     """Static description of a state pytree: its structure, leaf shapes and dtype."""
 
@@ -141,11 +106,7 @@ class Problem(eqx.Module):
 
     def evaluate(self, states: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """`f(x_t, s_{t-1})` for every `t`: one batched cell evaluation."""
-        return self.map(self.fn, self.inputs, self.shift(states))
-
-    def map(self, fn: Callable, *args: PyTree) -> PyTree:
-        """`fn` batched over time (see `map_steps`)."""
-        return map_steps(fn, *args, width=self.fn.spec.size)
+        return jax.vmap(self.fn)(self.inputs, self.shift(states))
 
     def linearise_dense(
         self, states: Float[Array, "T D"]
@@ -160,7 +121,6 @@ class Problem(eqx.Module):
 
             # A closed form writes each A_t once from the gates; jacfwd pushes D
             # tangents through every intermediate, several T×D×D arrays in all.
-            # vmap, not chunks: the T×D×D output dominates, and chunking it costs a copy.
             return jax.vmap(analytic)(self.inputs, self.shift(states))
 
         def one(x, s):
@@ -187,14 +147,14 @@ class Problem(eqx.Module):
                 value, diag = self.fn.value_and_diag(x, spec.unravel(s))
                 return spec.ravel(value), spec.ravel(diag)
 
-            return self.map(both, self.inputs, prev)
-        fs = self.map(self.fn, self.inputs, prev)
+            return jax.vmap(both)(self.inputs, prev)
+        fs = jax.vmap(self.fn)(self.inputs, prev)
         return fs, self.diagonal_at(prev)
 
     def diagonal_at(self, prev: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """Diagonal of `∂f/∂s` at the given predecessors `prev = (s_0..s_{T-1})`."""
         if self.fn.diag is not None:
-            return self.map(self.fn.diagonal, self.inputs, prev)
+            return jax.vmap(self.fn.diagonal)(self.inputs, prev)
         return autodiff_diagonal(self.fn, self.inputs, prev)
 
 
@@ -211,9 +171,7 @@ def autodiff_diagonal(
 
     def column(i):
         e = jnp.zeros((D,), prev.dtype).at[i].set(1)
-        tangent = map_steps(
-            lambda x, s: jax.jvp(lambda s_: fn(x, s_), (s,), (e,))[1], inputs, prev, width=D
-        )
+        tangent = jax.vmap(lambda x, s: jax.jvp(lambda s_: fn(x, s_), (s,), (e,))[1])(inputs, prev)
         return tangent[:, i]
 
     return jax.lax.map(column, jnp.arange(D)).T

@@ -153,3 +153,13 @@ def test_traced_precision_and_shape_errors():
     )
     with pytest.raises(ValueError, match="shape"):
         _kalman.kalman_smoother(A[:, :2], b, 0.3)
+
+
+@pytest.mark.parametrize("D", [1, 5, 40], ids=["D1", "D5", "D40-lapack"])
+def test_spd_solve_matches_dense_solve(D):
+    # The kind of matrix the sequential recursions solve: I + λ A Aᵀ, badly scaled.
+    A = jax.random.normal(jax.random.key(7), (D, D), jnp.float64)
+    M = jnp.eye(D) + 1e4 * A @ A.T
+    R = jax.random.normal(jax.random.key(8), (D, D + 1), jnp.float64)
+    got = jax.jit(_kalman._spd_solve)(M, R)
+    np.testing.assert_allclose(M @ got, R, rtol=0, atol=1e-8 * float(jnp.abs(R).max()))

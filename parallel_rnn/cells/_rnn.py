@@ -92,10 +92,10 @@ class GRU(_EquinoxCellWrapper):
     def __call__(self, input_t: Float[Array, " M"], h: Float[Array, " D"]) -> Float[Array, " D"]:
         return self.cell(input_t, h)
 
-    def value_and_diagonal_jacobian(
-        self, input_t: Float[Array, " M"], h: Float[Array, " D"]
-    ) -> tuple[Float[Array, " D"], Float[Array, " D"]]:
-        """`(h', diag ∂h'/∂h)` from one evaluation of the gates."""
+    def _step_and_coefficients(self, input_t, h):
+        """`h'` and the vectors of `∂h'/∂h = diag(α) W_hz + diag(β) W_hr + diag(γ) W_hn
+        + diag(z)`: `α = (h-n) z(1-z)`, `β = (1-z)(1-n²)(W_hn h + b_hn) r(1-r)`,
+        `γ = (1-z)(1-n²) r`, from one evaluation of the gates."""
         cell = self.cell
         bias = cell.bias if cell.use_bias else 0
         bias_n = cell.bias_n if cell.use_bias else 0
@@ -106,13 +106,16 @@ class GRU(_EquinoxCellWrapper):
         c_n = h_n + bias_n
         n = jnp.tanh(i_n + r * c_n)
         new = n + z * (h - n)
+        dn = (1 - z) * (1 - n**2)
+        return new, (h - n) * z * (1 - z), dn * c_n * r * (1 - r), dn * r, z
 
-        w_r, w_z, w_n = _block_diagonals(cell.weight_hh, 3)
-        dr = r * (1 - r) * w_r
-        dz = z * (1 - z) * w_z
-        dn = (1 - n**2) * (dr * c_n + r * w_n)
-        diag = (1 - z) * dn + z + (h - n) * dz
-        return new, diag
+    def value_and_diagonal_jacobian(
+        self, input_t: Float[Array, " M"], h: Float[Array, " D"]
+    ) -> tuple[Float[Array, " D"], Float[Array, " D"]]:
+        """`(h', diag ∂h'/∂h)` from one evaluation of the gates."""
+        new, alpha, beta, gamma, z = self._step_and_coefficients(input_t, h)
+        w_r, w_z, w_n = _block_diagonals(self.cell.weight_hh, 3)
+        return new, alpha * w_z + beta * w_r + gamma * w_n + z
 
     def value_and_jacobian(
         self, input_t: Float[Array, " M"], h: Float[Array, " D"]
@@ -120,24 +123,10 @@ class GRU(_EquinoxCellWrapper):
         """`(h', ∂h'/∂h)`, the Jacobian as
         `diag(α) W_hz + diag(β) W_hr + diag(γ) W_hn + diag(z)` with
         `α = (h-n) z(1-z)`, `β = (1-z)(1-n²)(W_hn h + b_hn) r(1-r)`, `γ = (1-z)(1-n²) r`."""
-        cell = self.cell
-        bias = cell.bias if cell.use_bias else 0
-        bias_n = cell.bias_n if cell.use_bias else 0
-        i_r, i_z, i_n = jnp.split(cell.weight_ih @ input_t + bias, 3)
-        h_r, h_z, h_n = jnp.split(cell.weight_hh @ h, 3)
-        r = jax.nn.sigmoid(i_r + h_r)
-        z = jax.nn.sigmoid(i_z + h_z)
-        c_n = h_n + bias_n
-        n = jnp.tanh(i_n + r * c_n)
-        new = n + z * (h - n)
-
-        w_r, w_z, w_n = jnp.split(cell.weight_hh, 3)
-        dn = (1 - z) * (1 - n**2)
-        alpha = (h - n) * z * (1 - z)
-        beta = dn * c_n * r * (1 - r)
-        gamma = dn * r
-        # One elementwise pass writes each D×D matrix (`_diag`, not `jnp.diag`:
-        # the latter's broadcast-and-select is materialised under vmap).
+        new, alpha, beta, gamma, z = self._step_and_coefficients(input_t, h)
+        w_r, w_z, w_n = jnp.split(self.cell.weight_hh, 3)
+        # One elementwise pass writes each D×D matrix (`_diag`, not `jnp.diag`,
+        # whose broadcast-and-select is not fused as well under vmap).
         jac = alpha[:, None] * w_z + beta[:, None] * w_r + gamma[:, None] * w_n + _diag(z)
         return new, jac
 
@@ -174,10 +163,11 @@ class LSTM(_EquinoxCellWrapper):
     ) -> tuple[Array, Array]:
         return self.cell(input_t, state)
 
-    def value_and_diagonal_jacobian(
-        self, input_t: Float[Array, " M"], state: tuple[Array, Array]
-    ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
-        """`((h', c'), (diag ∂h'/∂h, diag ∂c'/∂c))` from one evaluation of the gates."""
+    def _step_and_coefficients(self, input_t, state):
+        """`(h', c')` and the vectors of the Jacobian blocks, from one evaluation of
+        the gates: `∂c'/∂h = diag(a_f) W_f + diag(a_i) W_i + diag(a_g) W_g`,
+        `∂h'/∂h = diag(a_o) W_o + diag(κ) ∂c'/∂h`, `∂h'/∂c = diag(κ f)`,
+        `∂c'/∂c = diag(f)`, with `κ = o (1 - tanh² c')`."""
         h, c = state
         cell = self.cell
         lin = cell.weight_ih @ input_t + cell.weight_hh @ h
@@ -187,40 +177,38 @@ class LSTM(_EquinoxCellWrapper):
         i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
         c_new = f * c + i * g
         tanh_c = jnp.tanh(c_new)
-        h_new = o * tanh_c
+        coefficients = dict(
+            i=g * i * (1 - i),
+            f=c * f * (1 - f),
+            g=i * (1 - g**2),
+            o=tanh_c * o * (1 - o),
+            kappa=o * (1 - tanh_c**2),
+            forget=f,
+        )
+        return (o * tanh_c, c_new), coefficients
 
-        w_i, w_f, w_g, w_o = _block_diagonals(cell.weight_hh, 4)
-        dc_dh = c * f * (1 - f) * w_f + g * i * (1 - i) * w_i + i * (1 - g**2) * w_g
-        dh_dh = tanh_c * o * (1 - o) * w_o + o * (1 - tanh_c**2) * dc_dh
-        return (h_new, c_new), (dh_dh, f)
+    def value_and_diagonal_jacobian(
+        self, input_t: Float[Array, " M"], state: tuple[Array, Array]
+    ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+        """`((h', c'), (diag ∂h'/∂h, diag ∂c'/∂c))` from one evaluation of the gates."""
+        new, a = self._step_and_coefficients(input_t, state)
+        w_i, w_f, w_g, w_o = _block_diagonals(self.cell.weight_hh, 4)
+        dc_dh = a["f"] * w_f + a["i"] * w_i + a["g"] * w_g
+        return new, (a["o"] * w_o + a["kappa"] * dc_dh, a["forget"])
 
     def value_and_jacobian(
         self, input_t: Float[Array, " M"], state: tuple[Array, Array]
     ) -> tuple[tuple[Array, Array], Float[Array, "2D 2D"]]:
         """`((h', c'), J)` with `J` the `2D × 2D` Jacobian in the state order `(h, c)`:
         `[[∂h'/∂h, ∂h'/∂c], [∂c'/∂h, diag(f)]]`."""
-        h, c = state
-        cell = self.cell
-        lin = cell.weight_ih @ input_t + cell.weight_hh @ h
-        if cell.use_bias:
-            lin = lin + cell.bias
-        i, f, g, o = jnp.split(lin, 4)
-        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
-        c_new = f * c + i * g
-        tanh_c = jnp.tanh(c_new)
-        h_new = o * tanh_c
-
-        w_i, w_f, w_g, w_o = jnp.split(cell.weight_hh, 4)
-        dc_dh = (
-            (c * f * (1 - f))[:, None] * w_f
-            + (g * i * (1 - i))[:, None] * w_i
-            + (i * (1 - g**2))[:, None] * w_g
-        )
-        through_c = o * (1 - tanh_c**2)
-        dh_dh = (tanh_c * o * (1 - o))[:, None] * w_o + through_c[:, None] * dc_dh
-        top = jnp.concatenate([dh_dh, _diag(through_c * f)], axis=1)
-        bottom = jnp.concatenate([dc_dh, _diag(f)], axis=1)
-        return (h_new, c_new), jnp.concatenate([top, bottom], axis=0)
+        new, a = self._step_and_coefficients(input_t, state)
+        w_i, w_f, w_g, w_o = jnp.split(self.cell.weight_hh, 4)
+        col = lambda v: v[:, None]  # noqa: E731
+        dc_dh = col(a["f"]) * w_f + col(a["i"]) * w_i + col(a["g"]) * w_g
+        dh_dh = col(a["o"]) * w_o + col(a["kappa"]) * dc_dh
+        top = jnp.concatenate([dh_dh, _diag(a["kappa"] * a["forget"])], axis=1)
+        bottom = jnp.concatenate([dc_dh, _diag(a["forget"])], axis=1)
+        return new, jnp.concatenate([top, bottom], axis=0)
 
     def diagonal_jacobian(
         self, input_t: Float[Array, " M"], state: tuple[Array, Array]
