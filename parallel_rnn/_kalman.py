@@ -227,7 +227,6 @@ def _small_mv(a, x):
 
 def _sequential_filter(A, b, y, lam, dense):
     D = b.shape[-1]
-    _mm, _mv = _small_mm, _small_mv  # noqa: N806 (shadow the dot forms in this scan)
 
     def step(carry, inp):
         m, P = carry
@@ -235,10 +234,10 @@ def _sequential_filter(A, b, y, lam, dense):
         pinned = jnp.isinf(lam_t)
         lam = jnp.where(pinned, 0, lam_t)
         if dense:
-            m_pred = _mv(A_t, m) + b_t
-            P_pred = _sym(_mm(_mm(A_t, P), _t(A_t))) + jnp.eye(D, dtype=b.dtype)
+            m_pred = _small_mv(A_t, m) + b_t
+            P_pred = _sym(_small_mm(_small_mm(A_t, P), _t(A_t))) + jnp.eye(D, dtype=b.dtype)
             P = _sym(_spd_solve(jnp.eye(D, dtype=b.dtype) + lam * P_pred, P_pred))
-            m = m_pred + lam * _mv(P, y_t - m_pred)
+            m = m_pred + lam * _small_mv(P, y_t - m_pred)
         else:
             m_pred = A_t * m + b_t
             P_pred = A_t**2 * P + 1
@@ -256,14 +255,13 @@ def _sequential_filter(A, b, y, lam, dense):
 
 
 def _sequential_smoother(A, m, P, m_pred, P_pred, dense):
-    _mm, _mv = _small_mm, _small_mv  # noqa: N806
     def step(carry, inp):
         ms, Ps = carry
         m_t, P_t, F, mp, Pp = inp
         if dense:
-            E = _t(_spd_solve(Pp, _mm(F, P_t)))  # P_t Fᵀ Pp⁻¹
-            ms = m_t + _mv(E, ms - mp)
-            Ps = _sym(P_t + _mm(_mm(E, Ps - Pp), _t(E)))
+            E = _t(_spd_solve(Pp, _small_mm(F, P_t)))  # P_t Fᵀ Pp⁻¹
+            ms = m_t + _small_mv(E, ms - mp)
+            Ps = _sym(P_t + _small_mm(_small_mm(E, Ps - Pp), _t(E)))
         else:
             E = P_t * F / Pp
             ms = m_t + E * (ms - mp)
