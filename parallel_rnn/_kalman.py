@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Scalar
 
-from ._scan import Method, resolve_method
+from ._scan import Method, _small_matvec, resolve_method
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -220,9 +220,7 @@ def _small_mm(a, b):
 
 
 def _small_mv(a, x):
-    if a.shape[-1] > _SMALL:
-        return _mv(a, x)
-    return jnp.sum(a * x[..., None, :], axis=-1)
+    return _mv(a, x) if a.shape[-1] > _SMALL else _small_matvec(a, x)
 
 
 def _sequential_filter(A, b, y, lam, dense):

@@ -60,9 +60,6 @@ def check_cell(cell: Callable, x_t: PyTree, init_state: PyTree, method: str = "c
     """The cell must map `init_state` to a state of the same structure, shapes and dtypes."""
     if not callable(cell):
         raise TypeError(f"`{method}` must be callable as `cell(input_t, state)`; got {type(cell)}")
-    expected = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), init_state
-    )
     try:
         got = eqx.filter_eval_shape(cell, x_t, init_state)
     except Exception as e:  # surface the user's error with our context
@@ -70,10 +67,14 @@ def check_cell(cell: Callable, x_t: PyTree, init_state: PyTree, method: str = "c
             f"calling `{method}(input_t, state)` failed with input_t = {_describe(x_t)} and "
             f"state = {_describe(init_state)}: {e}"
         ) from e
-    _check_like_state(got, expected, method)
+    _check_like_state(got, init_state, method)
 
 
-def _check_like_state(got: PyTree, expected: PyTree, method: str) -> None:
+def _check_like_state(got: PyTree, init_state: PyTree, method: str) -> None:
+    """`got` (shapes and dtypes) must match `init_state` in structure, shapes, dtype."""
+    expected = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), init_state
+    )
     if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(expected):
         raise ValueError(
             f"`{method}` must return a state with the structure of `init_state`; "
@@ -103,10 +104,7 @@ def check_jacobian(method: Callable, x_t: PyTree, init_state: PyTree, spec: Stat
             f"(new_state, jacobian), with input_t = {_describe(x_t)} and "
             f"state = {_describe(init_state)}: {e}"
         ) from e
-    expected = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), init_state
-    )
-    _check_like_state(value, expected, name)
+    _check_like_state(value, init_state, name)
     D = spec.size
     if not hasattr(jac, "shape") or tuple(jac.shape) != (D, D):
         raise ValueError(
