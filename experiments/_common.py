@@ -1,38 +1,152 @@
-"""Shared plumbing of the studies: arguments, timing, memory, CSV, tables, plots."""
+"""Shared plumbing of the studies: one command line, one CSV vocabulary, timing, plots.
+
+Every study is `python -m experiments.NAME` and is written in three parts,
+`run(args) -> rows`, `tabulate(rows) -> str` and `plot(rows, path)`, tied
+together by a short `main(argv)`. The API a study uses:
+
+- `study_parser(description, **defaults)`: the options every study takes:
+  `--smoke` (seconds, for the tests; hidden), `--quick` (a CPU in minutes),
+  `--T N [N ...]`, `--D N [N ...]` (numbers such as `1e4` accepted),
+  `--solvers NAME [...]`, `--dtype float32|float64`, `--seed`, `--reps`,
+  `--device auto|cpu|gpu`, `--out DIR`. A study adds its own options to it.
+- `parse(parser, argv)`: parses, checks `--device` and sets `args.mode` to
+  `"smoke"`, `"quick"` or `"full"`; `by_mode(args, smoke=…, quick=…, full=…)` picks
+  a size, and `args.T`/`args.D` are `None` unless given.
+- `dtype_scope(args)`: a context in which `args.dtype` is available (float64 is
+  enabled for that block only, never globally), on `args.device`.
+- `solvers(args)` / `available_solvers(names)`: default-configured solvers by name.
+- `time_fn`, `compiled_memory`, `executable_memory`, `device_peak_bytes`.
+- `write_csv(path, rows)` (the column vocabulary: experiments/README.md),
+  `format_table(rows)`, `progress(it)`.
+- Plots: `pyplot()`, `save_figure(fig, path)` (saves and closes),
+  `SOLVER_STYLE[name]` (colour, marker, line style: overlapping curves stay
+  visible), `positive(xs, ys)` (drops non-finite and non-positive points before a
+  log axis), `plot_residuals(ax, traces, tol=…, capped=…)`.
+
+`parser(description)` is the older, smaller parser (`--quick`, `--out`,
+`--reps`), kept for studies that have not moved to `study_parser` yet.
+"""
 
 import argparse
+import contextlib
 import csv
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax
+import numpy as np
 
 
 SOLVER_NAMES = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Picard", "Jacobi")
+MODES = ("smoke", "quick", "full")
 
 
-def available_solvers(names=SOLVER_NAMES) -> dict:
-    """Default-configured solvers of `names` that this version of `parallel_rnn` has.
+def available_solvers(names: Iterable[str] = SOLVER_NAMES) -> dict:
+    """Default-configured solvers by name, e.g. `{"DEER": prnn.DEER(), ...}`.
 
     A solver's `jacobian` attribute (`"dense"` or `"diagonal"`) says whether it
-    stores `T·D²` Jacobian entries.
+    stores `T·D²` Jacobian entries. Unknown names raise a `ValueError`.
     """
     import parallel_rnn as prnn
 
-    return {n: getattr(prnn, n)() for n in names if hasattr(prnn, n)}
+    unknown = [n for n in names if not isinstance(getattr(prnn, n, None), type)]
+    if unknown:
+        raise ValueError(f"unknown solver(s) {unknown}; choose from {SOLVER_NAMES}")
+    return {n: getattr(prnn, n)() for n in names}
+
+
+def _number(text: str) -> int:
+    """An integer written as `1000`, `1e3` or `1_000`."""
+    value = float(text.replace("_", ""))
+    if value != int(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(value)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with the options every study takes."""
-    p = argparse.ArgumentParser(description=description)
+    """The older, smaller parser (`--quick`, `--out`, `--reps`); see `study_parser`."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, for a CPU in minutes")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for CSV and PNG")
     p.add_argument("--reps", type=int, default=None, help="timing repetitions (median is kept)")
     return p
+
+
+def study_parser(
+    description: str,
+    *,
+    solvers: Sequence[str] = SOLVER_NAMES,
+    dtype: str = "float32",
+) -> argparse.ArgumentParser:
+    """The options every study takes (see the module docstring); add your own to it."""
+    p = parser(description)
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--T", type=_number, nargs="+", default=None, help="sequence length(s), e.g. 1e3 1e4"
+    )
+    p.add_argument("--D", type=_number, nargs="+", default=None, help="state size(s)")
+    p.add_argument(
+        "--solvers", nargs="+", default=list(solvers), metavar="NAME", help="solvers to run"
+    )
+    p.add_argument("--dtype", choices=("float32", "float64"), default=dtype)
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed of cells and inputs")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="JAX platform (gpu: fail early if JAX sees none)",
+    )
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse `argv`; set `args.mode` and check the solver names and `--device`."""
+    args = p.parse_args(argv)
+    args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if getattr(args, "solvers", None) is not None:
+        available_solvers(args.solvers)  # fails early on a typo
+    if getattr(args, "device", "auto") != "auto":
+        select_device(args.device)
+    return args
+
+
+def by_mode(args: argparse.Namespace, *, smoke, quick, full):
+    """The value for the study's size mode (`--smoke`, `--quick` or neither)."""
+    return {"smoke": smoke, "quick": quick, "full": full}[args.mode]
+
+
+def select_device(kind: str):
+    """The first JAX device of platform `kind` (`"auto"`: the default device)."""
+    if kind == "auto":
+        return jax.devices()[0]
+    try:
+        return jax.devices(kind)[0]
+    except RuntimeError as err:
+        raise SystemExit(f"--device {kind}: no such JAX device here ({err})") from err
+
+
+@contextlib.contextmanager
+def dtype_scope(args: argparse.Namespace) -> Iterator[None]:
+    """Run a block with `args.dtype` available and on `args.device`.
+
+    float64 is enabled for the block only (`jax.enable_x64`), so importing or
+    running a study never changes JAX's global configuration.
+    """
+    device = select_device(getattr(args, "device", "auto"))
+    with jax.enable_x64(getattr(args, "dtype", "float32") == "float64"):
+        with jax.default_device(device):
+            yield
+
+
+def solvers(args: argparse.Namespace) -> dict:
+    """The solvers named by `--solvers`, default-configured."""
+    return available_solvers(args.solvers)
 
 
 def time_fn(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> tuple[float, float]:
@@ -91,7 +205,8 @@ def device_peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def write_csv(path: Path, rows: Sequence[dict]) -> None:
+def write_csv(path: Path, rows: Sequence[Mapping]) -> None:
+    """Write `rows` (dicts with the same keys) as CSV, creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not rows:
         raise ValueError(f"no rows to write to {path}")
@@ -135,3 +250,93 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path, *, dpi: int = 120) -> Path:
+    """Lay out, save and close `fig` (open figures would pile up over a sweep)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+# One look per solver in every figure. Markers and dashes differ as well as
+# colours, so that curves lying on top of each other (QuasiDEER under QuasiELK
+# on stable cells) both stay visible.
+SOLVER_STYLE = {
+    "sequential": dict(color="k", marker="", linestyle="-"),
+    "BPTT": dict(color="k", marker="", linestyle="-"),
+    "DEER": dict(color="C0", marker="o", linestyle="-"),
+    "QuasiDEER": dict(color="C1", marker="s", linestyle="--"),
+    "ELK": dict(color="C2", marker="^", linestyle="-."),
+    "QuasiELK": dict(color="C3", marker="v", linestyle=":"),
+    "Picard": dict(color="C4", marker="x", linestyle="-"),
+    "Jacobi": dict(color="C5", marker="+", linestyle="--"),
+}
+
+
+def style(name: str) -> dict:
+    """Matplotlib keywords of `name`'s look (`SOLVER_STYLE`, grey for others)."""
+    return dict(SOLVER_STYLE.get(name, dict(color="grey", marker=".", linestyle="-")))
+
+
+def positive(xs, ys) -> tuple[np.ndarray, np.ndarray]:
+    """The points of `(xs, ys)` that a log axis can show: finite and `> 0`.
+
+    A residual of exactly zero (converged to the last bit) or an overflowed one
+    would otherwise stretch or break the axis.
+    """
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    keep = np.isfinite(ys) & (ys > 0)
+    return xs[keep], ys[keep]
+
+
+def plot_residuals(
+    ax,
+    traces: Mapping[str, Sequence[float]],
+    *,
+    tol: float | None = None,
+    capped: Iterable[str] = (),
+) -> None:
+    """Residual max-norm against iteration, one curve per solver, on log axes.
+
+    - `traces`: solver name → residual after each iteration;
+    - `tol`: draws the tolerance as a horizontal line (a solve stops below it);
+    - `capped`: solvers that hit `max_steps`; their label says so and their last
+      point is marked with a cross.
+
+    The y-range ends three decades above the median first residual, so a
+    solver that wanders far above it leaves the top of the plot (its label
+    says how far) instead of squashing the others.
+    """
+    capped = set(capped)
+    curves = {name: positive(np.arange(1, len(tr) + 1), tr) for name, tr in traces.items()}
+    curves = {name: c for name, c in curves.items() if len(c[1])}
+    # The top of the axis sits a little above the typical first residual (the
+    # median over solvers): a solver that wanders far above it (undamped Newton
+    # on a chaotic cell reaches 1e127) leaves the plot, labelled, instead of
+    # squashing every other curve into a band at the bottom.
+    top = 1e3 * float(np.median([c[1][0] for c in curves.values()] or [1.0]))
+    for name, (it, res) in curves.items():
+        notes = [f"hit max_steps at {int(it[-1])}"] if name in capped else []
+        if res.max() > top:
+            notes.append(f"off scale up to {res.max():.0e}")
+        label = f"{name} ({', '.join(notes)})" if notes else name
+        every = max(1, len(res) // 15)
+        # Clipped far above the axis: the line still leaves the top, and matplotlib
+        # does not overflow transforming values near 1e300.
+        shown = np.minimum(res, 1e6 * top)
+        ax.plot(it, shown, label=label, markevery=every, markersize=5, **style(name))
+        if name in capped and res[-1] <= top:
+            ax.plot(it[-1:], res[-1:], "X", color=style(name)["color"], markersize=9)
+    if tol is not None:
+        ax.axhline(tol, color="grey", lw=1, ls=":", label=f"tolerance {tol:.0e}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if curves:
+        lows = [c[1].min() for c in curves.values()] + ([tol] if tol is not None else [])
+        ax.set_ylim(0.3 * min(lows), top)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("max |residual| = max_t |s_t - f(x_t, s_{t-1})|")
+    ax.legend(fontsize="small")

@@ -1,6 +1,6 @@
 """Residual against iteration for every solver, on a stable, an unstable and a chaotic cell.
 
-    python -m experiments.convergence [--quick] [--out results] [--dtype float64|float32]
+    python -m experiments.convergence [--quick] [--out results] [--dtype float32] [--cases ...]
 
 Cases (inputs of size 4 for the GRUs, `T = 1000`; `--quick`: `T = 300`, `D = 8`):
 
@@ -12,28 +12,43 @@ Cases (inputs of size 4 for the GRUs, `T = 1000`; `--quick`: `T = 300`, `D = 8`)
 
 Every solver runs with its defaults (no tuned damping) and `max_steps = T`. For
 each case it writes `convergence_<case>.csv` (residual max-norm per iteration)
-and `.png` (log scale), and prints a table of iterations to tolerance, whether it
-converged, and the wall-clock time of the solve after compilation.
+and `.png` (log scale: non-finite and zero residuals are left out, the
+tolerance is drawn, solvers that hit `max_steps` are labelled), and prints a
+table of iterations, whether each solve converged or hit `max_steps`, its error
+against `lax.scan`, and the wall-clock time of the solve after compilation.
 """
-
-import argparse
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import parallel_rnn as prnn
+from parallel_rnn._tolerance import default_tolerances
 
-from ._common import format_table, parser, progress, pyplot, time_fn, write_csv
+from ._common import (
+    by_mode,
+    dtype_scope,
+    format_table,
+    parse,
+    plot_residuals,
+    progress,
+    pyplot,
+    save_figure,
+    solvers,
+    study_parser,
+    time_fn,
+    write_csv,
+)
 
 
-SOLVERS = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Picard", "Jacobi")
+CASES = ("gru", "gru_unstable", "lorenz96")
 UNSTABLE_SCALE = 6.0
 
 
-def make_case(name: str, T: int, hidden: int, dtype):
+def make_case(name: str, T: int, hidden: int, dtype, seed: int = 0):
     """`(cell, inputs, init_state)` of one case."""
-    kc, kx, ks = jax.random.split(jax.random.key(0), 3)
+    kc, kx, ks = jax.random.split(jax.random.key(seed), 3)
     if name in ("gru", "gru_unstable"):
         cell = eqx.nn.GRUCell(4, hidden, key=kc, dtype=dtype)
         if name == "gru_unstable":
@@ -46,106 +61,97 @@ def make_case(name: str, T: int, hidden: int, dtype):
         xs = 0.1 * jax.random.normal(kx, (T, D), dtype)
         s0 = 8.0 + jax.random.normal(ks, (D,), dtype)
         return cell, xs, s0
-    raise ValueError(f"unknown case {name!r}")
+    raise ValueError(f"unknown case {name!r}; choose from {CASES}")
 
 
-def run_case(name, T, hidden, dtype, reps, bar):
-    cell, xs, s0 = make_case(name, T, hidden, dtype)
+def run_case(name, T, hidden, dtype, reps, seed, solver_list, bar):
+    """Summary rows and residual traces of every solver on one case."""
+    cell, xs, s0 = make_case(name, T, hidden, dtype, seed)
     ref = prnn.solve_sequential(cell, xs, s0)
-    rows, curves = [], {}
-    for solver_name in SOLVERS:
-        solver = getattr(prnn, solver_name)()
+    rtol, atol = default_tolerances(dtype)
+    rows, traces = [], {}
+    for solver_name, solver in solver_list.items():
         solve = lambda: prnn.solve_parallel(cell, xs, s0, solver, throw=False, trace=True)
         sol = solve()
         seconds, _ = time_fn(solve, reps=reps)
         n = int(sol.num_steps)
-        curves[solver_name] = [float(v) for v in sol.trace[:n]]
-        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(sol.states))
-        err = float(
-            max(
-                jnp.max(jnp.abs(a - b))
-                for a, b in zip(
-                    jax.tree_util.tree_leaves(sol.states), jax.tree_util.tree_leaves(ref)
-                )
-            )
-        )
+        traces[solver_name] = np.asarray(sol.trace[:n])
+        converged = bool(sol.converged)
         rows.append(
             dict(
                 case=name,
                 solver=solver_name,
                 T=T,
-                iterations=n,
-                converged=bool(sol.converged),
-                within_T=n <= T,
-                finite=finite,
-                max_err_vs_scan=err,
-                seconds=seconds,
+                D=int(s0.shape[0]),
+                dtype=jnp.dtype(dtype).name,
+                num_steps=n,
+                converged=converged,
+                hit_max_steps=not converged and n >= T,
+                max_abs_err=float(jnp.max(jnp.abs(sol.states - ref))),
+                time_s=seconds,
+                tol=atol + rtol * float(jnp.max(jnp.abs(ref))),
             )
         )
         bar.update(1)
-    return rows, curves
+    return rows, traces
 
 
-def plot(path, name, curves, T):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for solver_name, ys in curves.items():
-        ax.semilogy(range(1, len(ys) + 1), ys, label=solver_name)
-    ax.set_xscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("max |r_t| (residual)")
-    ax.set_title(f"{name} (T = {T})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main(argv=None):
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    p.add_argument("--cases", nargs="+", default=["gru", "gru_unstable", "lorenz96"])
-    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
+def run(args) -> tuple[list[dict], dict]:
+    cases = ["gru"] if args.smoke else args.cases
+    T = by_mode(args, smoke=20, quick=300, full=(args.T or [1000])[0])
+    hidden = by_mode(args, smoke=4, quick=8, full=(args.D or [16])[0])
+    reps = args.reps or by_mode(args, smoke=1, quick=1, full=3)
     dtype = jnp.dtype(args.dtype)
-    if args.smoke:  # seconds: the plumbing end to end, for the tests
-        args.cases = ["gru"]
-    T, hidden = (20, 4) if args.smoke else (300, 8) if args.quick else (1000, 16)
-    reps = args.reps or (1 if args.quick or args.smoke else 3)
+    solver_list = solvers(args)
+    rows, traces = [], {}
+    with progress(range(len(cases) * len(solver_list)), desc="runs") as bar:
+        for name in cases:
+            case_rows, traces[name] = run_case(
+                name, T, hidden, dtype, reps, args.seed, solver_list, bar
+            )
+            rows += case_rows
+    return rows, traces
 
-    all_rows = []
-    with progress(range(len(args.cases) * len(SOLVERS)), desc="runs") as bar:
-        for name in args.cases:
-            rows, curves = run_case(name, T, hidden, dtype, reps, bar)
-            all_rows += rows
-            trace_rows = [
-                dict(
-                    iteration=i + 1, **{k: (v[i] if i < len(v) else "") for k, v in curves.items()}
-                )
-                for i in range(max(map(len, curves.values())))
-            ]
-            write_csv(args.out / f"convergence_{name}.csv", trace_rows)
-            plot(args.out / f"convergence_{name}.png", name, curves, T)
-    write_csv(args.out / "convergence_summary.csv", all_rows)
-    print(f"dtype {args.dtype}, T = {T}, default tolerances, max_steps = T")
-    print(
-        format_table(
-            all_rows,
-            [
-                "case",
-                "solver",
-                "iterations",
-                "converged",
-                "within_T",
-                "finite",
-                "max_err_vs_scan",
-                "seconds",
-            ],
-        )
-    )
-    return all_rows
+
+def trace_rows(traces: dict) -> list[dict]:
+    """One row per iteration, one column per solver (empty after it stopped)."""
+    n = max(map(len, traces.values()))
+    return [
+        dict(iteration=i + 1, **{k: (float(v[i]) if i < len(v) else "") for k, v in traces.items()})
+        for i in range(n)
+    ]
+
+
+def tabulate(rows: list[dict]) -> str:
+    columns = ["case", "solver", "num_steps", "converged", "hit_max_steps", "max_abs_err"]
+    return format_table(rows, [*columns, "time_s"])
+
+
+def plot(rows: list[dict], case: str, traces: dict, path) -> None:
+    mine = [r for r in rows if r["case"] == case]
+    capped = [r["solver"] for r in mine if r["hit_max_steps"]]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_residuals(ax, traces, tol=max(r["tol"] for r in mine), capped=capped)
+    ax.set_title(f"{case} (T = {mine[0]['T']}, {mine[0]['dtype']}, max_steps = T)")
+    save_figure(fig, path)
+
+
+def main(argv=None) -> list[dict]:
+    p = study_parser(__doc__, dtype="float64")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    args = parse(p, argv)
+    with dtype_scope(args):
+        rows, traces = run(args)
+    for case, case_traces in traces.items():
+        write_csv(args.out / f"convergence_{case}.csv", trace_rows(case_traces))
+        plot(rows, case, case_traces, args.out / f"convergence_{case}.png")
+    write_csv(args.out / "convergence_summary.csv", rows)
+    r0 = rows[0]
+    print(f"{r0['dtype']}, T = {r0['T']}, default tolerances, max_steps = T")
+    print(tabulate(rows))
+    print(f"wrote convergence_*.csv and .png into {args.out}")
+    return rows
 
 
 if __name__ == "__main__":
