@@ -105,12 +105,18 @@ def study_parser(
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse `argv`; set `args.mode` and check the solver names and `--device`."""
+def parse(
+    p: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    *,
+    solver_names: Sequence[str] = SOLVER_NAMES,
+) -> argparse.Namespace:
+    """Parse `argv`; set `args.mode`; check `--solvers` against `solver_names` and `--device`."""
     args = p.parse_args(argv)
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    if getattr(args, "solvers", None) is not None:
-        available_solvers(args.solvers)  # fails early on a typo
+    unknown = [n for n in getattr(args, "solvers", None) or () if n not in solver_names]
+    if unknown:
+        p.error(f"--solvers: unknown {unknown}; choose from {list(solver_names)}")
     if getattr(args, "device", "auto") != "auto":
         select_device(args.device)
     return args
@@ -206,12 +212,13 @@ def device_peak_bytes() -> int | None:
 
 
 def write_csv(path: Path, rows: Sequence[Mapping]) -> None:
-    """Write `rows` (dicts with the same keys) as CSV, creating the folder."""
+    """Write `rows` as CSV, creating the folder; a key missing from a row is left empty."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not rows:
         raise ValueError(f"no rows to write to {path}")
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
 

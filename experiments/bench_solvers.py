@@ -30,6 +30,7 @@ from ._common import (
     parser,
     progress,
     pyplot,
+    save_figure,
     time_fn,
     write_csv,
 )
@@ -217,8 +218,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_ylabel("time per iteration / batched cell evaluation")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ as `D` grows, the second stays flat for DEER. Writes `grad_memory.csv` and
 `grad_memory.png`.
 """
 
-import argparse
 import time
 
 import equinox as eqx
@@ -29,7 +28,18 @@ import jax.numpy as jnp
 
 import parallel_rnn as prnn
 
-from ._common import compiled_memory, format_table, parser, progress, pyplot, write_csv
+from ._common import (
+    by_mode,
+    compiled_memory,
+    format_table,
+    parse,
+    progress,
+    pyplot,
+    save_figure,
+    study_parser,
+    style,
+    write_csv,
+)
 
 
 INPUT_SIZE = 4
@@ -61,48 +71,59 @@ def measure(method: str, D: int, T: int) -> dict:
     if nbytes is None:
         raise RuntimeError(f"backend {jax.default_backend()} reports no memory analysis")
     return dict(
-        method=method,
+        solver=method,
+        dtype="float32",
         D=D,
         T=T,
-        bytes=nbytes,
-        MiB=nbytes / 2**20,
+        compiled_bytes=nbytes,
+        compiled_mib=nbytes / 2**20,
         per_TD=nbytes / (T * D * 4),
         per_TD2=nbytes / (T * D * D * 4),
         compile_s=compile_s,
     )
 
 
-def main(argv=None) -> list[dict]:
-    p = parser(__doc__)
-    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    Ds = (4,) if args.smoke else (8, 32) if args.quick else (16, 64)
-    Ts = (100,) if args.smoke else (1_000, 10_000) if args.quick else (10_000, 100_000)
+def run(args) -> list[dict]:
+    Ds = args.D or by_mode(args, smoke=(4,), quick=(8, 32), full=(16, 64))
+    Ts = args.T or by_mode(args, smoke=(100,), quick=(1_000, 10_000), full=(10_000, 100_000))
+    grid = [(m, D, T) for D in Ds for T in Ts for m in args.solvers]
+    return [measure(m, D, T) for m, D, T in progress(grid, desc="compiling")]
 
-    grid = [(m, D, T) for D in Ds for T in Ts for m in METHODS]
-    rows = [measure(m, D, T) for m, D, T in progress(grid, desc="compiling")]
+
+def plot(rows: list[dict], path) -> None:
+    Ds = sorted({r["D"] for r in rows})
+    Ts = sorted({r["T"] for r in rows})
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(Ds), figsize=(5 * len(Ds), 4), sharey=True, squeeze=False)
+    for ax, D in zip(axes[0], Ds):
+        for method in dict.fromkeys(r["solver"] for r in rows):
+            sel = [r for r in rows if r["solver"] == method and r["D"] == D]
+            ax.loglog(
+                [r["T"] for r in sel],
+                [r["compiled_bytes"] for r in sel],
+                label=method,
+                **style(method),
+            )
+        for scale, line, label in ((D, ":", "T·D·4"), (D * D, "--", "T·D²·4")):
+            ax.loglog(Ts, [4 * T * scale for T in Ts], line, color="grey", label=label)
+        ax.set_xlabel("T")
+        ax.set_title(f"D = {D}")
+        ax.legend()
+    axes[0][0].set_ylabel("compiled peak bytes (gradient)")
+    save_figure(fig, path)
+
+
+def main(argv=None) -> list[dict]:
+    p = study_parser(__doc__, solvers=METHODS)
+    args = parse(p, argv, solver_names=METHODS)
+    rows = run(args)
     print(
         f"\ngradient of a cells.GRU solve w.r.t. its parameters, float32, "
         f"backend={jax.default_backend()} (compiled, not run)"
     )
     print(format_table(rows))
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "grad_memory.csv", rows)
-
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(Ds), figsize=(5 * len(Ds), 4), sharey=True, squeeze=False)
-    for ax, D in zip(axes[0], Ds):
-        for method, marker in zip(METHODS, "os^"):
-            sel = [r for r in rows if r["method"] == method and r["D"] == D]
-            ax.loglog([r["T"] for r in sel], [r["bytes"] for r in sel], marker=marker, label=method)
-        for scale, style, label in ((D, ":", "T·D·4"), (D * D, "--", "T·D²·4")):
-            ax.loglog(Ts, [4 * T * scale for T in Ts], style, color="grey", label=label)
-        ax.set_xlabel("T")
-        ax.set_title(f"D = {D}")
-        ax.legend()
-    axes[0][0].set_ylabel("compiled peak bytes (gradient)")
-    fig.tight_layout()
-    fig.savefig(args.out / "grad_memory.png", dpi=120)
+    plot(rows, args.out / "grad_memory.png")
     print(f"wrote {args.out / 'grad_memory.csv'} and {args.out / 'grad_memory.png'}")
     return rows
 

@@ -18,10 +18,10 @@ count is flat in `T`; for LLE > 0 it grows with `T` (up to the `T`-step bound).
 
 Writes `predictability.csv` (one row per gain, seed, T) and
 `predictability.png`, and prints the table gain / LLE / iterations at each T
-(means over seeds; `*` marks a solve that hit `--max-steps`).
+(means over seeds; `*` marks a solve that hit `--max-steps`). `--D 100` sets the
+state size, `--T 10 100 1000` the lengths (default: `--num-T` lengths log-spaced
+from 10 to `--T-max`).
 """
-
-import argparse
 
 import equinox as eqx
 import jax
@@ -30,7 +30,17 @@ import numpy as np
 
 import parallel_rnn as prnn
 
-from ._common import format_table, parser, progress, pyplot, write_csv
+from ._common import (
+    by_mode,
+    dtype_scope,
+    format_table,
+    parse,
+    progress,
+    pyplot,
+    save_figure,
+    study_parser,
+    write_csv,
+)
 
 
 class MeanFieldRNN(eqx.Module):
@@ -71,6 +81,8 @@ def run_one(gain, seed, dim, Ts, noise, max_steps) -> list[dict]:
         steps, conv = _deer(cell, u[:T], s0, cap)
         rows.append(
             dict(
+                solver="DEER",
+                dtype="float64",
                 gain=gain,
                 seed=seed,
                 D=dim,
@@ -78,17 +90,30 @@ def run_one(gain, seed, dim, Ts, noise, max_steps) -> list[dict]:
                 T=T,
                 num_steps=int(steps),
                 converged=bool(conv),
+                hit_max_steps=not bool(conv) and int(steps) >= cap,
                 max_steps=cap,
             )
         )
     return rows
 
 
+def run(args) -> list[dict]:
+    dim = (args.D or [by_mode(args, smoke=8, quick=64, full=100)])[0]
+    n_gain = args.gains or by_mode(args, smoke=2, quick=4, full=7)
+    seeds = args.seeds or by_mode(args, smoke=1, quick=1, full=5)
+    t_max = args.T_max or by_mode(args, smoke=16, quick=500, full=10_000)
+    n_t = args.num_T or by_mode(args, smoke=1, quick=4, full=7)
+    gains = [round(float(g), 3) for g in np.linspace(0.5, 2.0, n_gain)]
+    Ts = args.T or sorted({int(round(t)) for t in np.geomspace(10, t_max, n_t)})
+    rows = []
+    jobs = [(g, args.seed + s) for g in gains for s in range(seeds)]
+    for gain, seed in progress(jobs, desc="gain x seed"):
+        rows += run_one(gain, seed, dim, Ts, args.noise, args.max_steps)
+    return rows
+
+
 def main(argv=None) -> list[dict]:
-    jax.config.update("jax_enable_x64", True)
-    p = parser(__doc__.split("\n\n")[0])
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--D", type=int, default=None, help="state size (paper: 100)")
+    p = study_parser(__doc__.split("\n\n")[0], solvers=("DEER",), dtype="float64")
     p.add_argument("--gains", type=int, default=None, help="number of gains in [0.5, 2]")
     p.add_argument("--seeds", type=int, default=None, help="networks per gain")
     p.add_argument("--T-max", type=int, default=None, help="longest sequence (paper: 1e4)")
@@ -100,33 +125,16 @@ def main(argv=None) -> list[dict]:
         default=None,
         help="DEER iteration cap (default T: every solve converges)",
     )
-    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-
-    if args.smoke:  # seconds: the plumbing end to end, for the tests
-        dim, n_gain, seeds, t_max, n_t = 8, 2, 1, 16, 1
-    elif args.quick:
-        dim, n_gain, seeds, t_max, n_t = 64, 4, 1, 500, 4
-    else:
-        dim, n_gain, seeds, t_max, n_t = 100, 7, 5, 10_000, 7
-    dim = args.D or dim
-    n_gain = args.gains or n_gain
-    seeds = args.seeds or seeds
-    t_max = args.T_max or t_max
-    n_t = args.num_T or n_t
-    gains = [round(float(g), 3) for g in np.linspace(0.5, 2.0, n_gain)]
-    Ts = sorted({int(round(t)) for t in np.geomspace(10, t_max, n_t)})
-
-    rows = []
-    jobs = [(g, s) for g in gains for s in range(seeds)]
-    for gain, seed in progress(jobs, desc="gain x seed"):
-        rows += run_one(gain, seed, dim, Ts, args.noise, args.max_steps)
-
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse(p, argv, solver_names=("DEER",))
+    if args.dtype != "float64":
+        p.error("this study measures iterations to a float64 tolerance: --dtype float64 only")
+    with dtype_scope(args):
+        rows = run(args)
     write_csv(args.out / "predictability.csv", rows)
     plot(rows, args.out / "predictability.png")
+    seeds = len({r["seed"] for r in rows})
     print(
-        f"\nMean-field tanh RNN, D = {dim}, float64, DEER, tol 1e-10, "
+        f"\nMean-field tanh RNN, D = {rows[0]['D']}, float64, DEER, tol 1e-10, "
         f"{seeds} seed(s) per gain. Iterations to converge:\n"
     )
     print(summary_table(rows))
@@ -194,9 +202,7 @@ def plot(rows, path) -> None:
         title="iterations vs LLE",
     )
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="LLE")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

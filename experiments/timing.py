@@ -2,6 +2,7 @@
 
     python -m experiments.timing --quick              # CPU, about a minute
     python -m experiments.timing --device gpu         # the full grid, on a GPU
+    python -m experiments.timing --T 1e3 1e5 --D 8 64 --solvers DEER QuasiDEER
 
 The DEER paper's speed benchmark (Fig 2: a GRU with input size = hidden size,
 batch 16, float32, T from 1e3 to 1e6, D from 1 to 64) and the ELK paper's
@@ -33,7 +34,6 @@ this study is about need a GPU. Writes `timing.csv` and `timing.png` into
 `--out` and prints the speed-up table.
 """
 
-import argparse
 import math
 
 import equinox as eqx
@@ -44,13 +44,18 @@ import numpy as np
 import parallel_rnn as prnn
 
 from ._common import (
-    SOLVER_NAMES,
     available_solvers,
+    by_mode,
+    dtype_scope,
     executable_memory,
     format_table,
-    parser,
+    parse,
     progress,
     pyplot,
+    save_figure,
+    select_device,
+    study_parser,
+    style,
     time_fn,
     write_csv,
 )
@@ -60,24 +65,9 @@ FULL_T = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
 FULL_D = (1, 2, 4, 8, 16, 32, 64)
 
 
-def make_cell(dim: int, key) -> tuple[eqx.Module, str]:
-    """A float32 GRU with input size = hidden size = `dim`.
-
-    `parallel_rnn.cells.GRU` (with an analytic `diagonal_jacobian`) when the
-    library has it, else `eqx.nn.GRUCell` (the quasi solvers then fall back to
-    `D` JVP passes for the diagonal).
-    """
-    gru = getattr(prnn.cells, "GRU", None)
-    if gru is not None:
-        try:
-            cell = gru(dim, dim, key=key)
-            cell = jax.tree_util.tree_map(
-                lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, cell
-            )
-            return cell, "parallel_rnn.cells.GRU"
-        except TypeError:  # a different constructor: use Equinox's cell instead
-            pass
-    return eqx.nn.GRUCell(dim, dim, key=key, dtype=jnp.float32), "eqx.nn.GRUCell"
+def make_cell(dim: int, key, dtype=jnp.float32) -> tuple[eqx.Module, str]:
+    """A GRU with input size = hidden size = `dim` and an analytic `diagonal_jacobian`."""
+    return prnn.cells.GRU(dim, dim, key=key, dtype=dtype), "parallel_rnn.cells.GRU"
 
 
 def _runner(name: str, solver, max_steps):
@@ -95,11 +85,6 @@ def _runner(name: str, solver, max_steps):
         return sol.states, sol.num_steps, sol.converged
 
     return run
-
-
-def _memory_bytes(compiled) -> int | None:
-    # Measured on the executable we also time, so each configuration is compiled once.
-    return executable_memory(compiled)
 
 
 def _peak_bytes(device) -> int | None:
@@ -135,7 +120,8 @@ def measure(name, solver, cell, xs, h0, *, reps, max_steps, reference=None) -> d
     )
     try:
         compiled = fn.lower(params, static, xs, h0).compile()
-        row["compiled_bytes"] = _memory_bytes(compiled) or ""
+        # Measured on the executable we also time: each configuration compiles once.
+        row["compiled_bytes"] = executable_memory(compiled) or ""
         run = lambda: compiled(params, xs, h0)
         states, steps, conv = jax.block_until_ready(run())
         row["time_s"], row["spread_s"] = time_fn(run, reps=reps, warmup=0)
@@ -151,126 +137,91 @@ def measure(name, solver, cell, xs, h0, *, reps, max_steps, reference=None) -> d
         return row, None
 
 
-def _select_device(kind: str):
-    if kind == "auto":
-        return jax.devices()[0]
-    try:
-        return jax.devices(kind)[0]
-    except RuntimeError as err:
-        raise SystemExit(f"--device {kind}: no such JAX device here ({err})") from err
+def run(args) -> list[dict]:
+    Ts = args.T or by_mode(args, smoke=(32,), quick=(1_000, 10_000), full=FULL_T)
+    Ds = args.D or by_mode(args, smoke=(2,), quick=(2, 8), full=FULL_D)
+    batch = args.batch or by_mode(args, smoke=2, quick=4, full=16)
+    reps = args.reps or by_mode(args, smoke=1, quick=3, full=5)
+    names = args.solvers
+    if args.smoke:  # seconds: the plumbing end to end, for the tests
+        names = [n for n in names if n in ("DEER", "QuasiDEER")]
+    # Picard needs about T iterations on a GRU (its A_t = I is far from the true
+    # Jacobian), which would dominate the sweep: cap it and report it unconverged.
+    cap = args.max_steps if args.max_steps is not None else (200 if args.quick else 1000)
+    dtype = jnp.dtype(args.dtype)
+    device = select_device(args.device)
+    solver_list = available_solvers(names)
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(float(v)) for v in text.split(","))
+    rows = []
+    failed_at = {}  # (solver, D) -> T of the first out-of-memory
+    configs = [(D, T) for D in Ds for T in sorted(Ts)]
+    for D, T in progress(configs, desc=f"timing on {device.platform}"):
+        key_cell, key_x = jax.random.split(jax.random.fold_in(jax.random.key(args.seed), D))
+        cell, cell_name = make_cell(D, key_cell, dtype)
+        xs = jax.random.normal(key_x, (batch, T, D), dtype)
+        h0 = jnp.zeros((batch, D), dtype)
+        common = dict(
+            device=device.platform, cell=cell_name, dtype=dtype.name, batch=batch, D=D, T=T
+        )
+        seq_row, ref = measure("sequential", None, cell, xs, h0, reps=reps, max_steps=None)
+        seq_row["max_abs_err"] = 0.0 if ref is not None else ""
+        rows.append(dict(common, solver="sequential", speedup=1.0, **seq_row))
+        for name, solver in solver_list.items():
+            row = dict(common, solver=name, speedup="")
+            dense_bytes = dtype.itemsize * batch * T * D * D
+            if solver.jacobian == "dense" and dense_bytes > args.max_bytes:
+                message = f"dense Jacobians need {dense_bytes:.3g} B > --max-bytes"
+                rows.append(dict(row, status="skipped", message=message))
+                continue
+            if (name, D) in failed_at:
+                message = f"out of memory at T={failed_at[name, D]}"
+                rows.append(dict(row, status="skipped", message=message))
+                continue
+            max_steps = min(T, cap) if cap > 0 else None
+            got, _ = measure(
+                name, solver, cell, xs, h0, reps=reps, max_steps=max_steps, reference=ref
+            )
+            got["hit_max_steps"] = (
+                got["status"] == "ok"
+                and not got["converged"]
+                and got["num_steps"] >= (max_steps or T)
+            )
+            if got["status"] == "oom":
+                failed_at[name, D] = T
+            # A speed-up only means something for a solve that reached the tolerance.
+            if got["status"] == "ok" and got["converged"] and seq_row["status"] == "ok":
+                row["speedup"] = seq_row["time_s"] / got["time_s"]
+            rows.append(dict(row, **got))
+        del ref
+    return rows
 
 
 def main(argv=None) -> list[dict]:
-    p = parser(__doc__.split("\n\n")[0])
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "gpu"),
-        default="auto",
-        help="JAX platform to run on (gpu: fail if there is none)",
-    )
+    p = study_parser(__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=None, help="sequences per solve (vmap)")
-    p.add_argument("--Ts", type=_ints, default=None, help="comma list, e.g. 1e3,1e4")
-    p.add_argument("--Ds", type=_ints, default=None, help="comma list, e.g. 1,8,64")
-    p.add_argument("--solvers", type=lambda s: tuple(s.split(",")), default=SOLVER_NAMES)
-    (
-        p.add_argument(
-            "--max-steps",
-            type=int,
-            default=None,
-            help="iteration cap per solve; default min(T, 1000), 200 with --quick; "
-            "0 means T (every solver then converges, Picard after ~T)",
-        ),
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="iteration cap per solve; default min(T, 1000), 200 with --quick; "
+        "0 means T (every solver then converges, Picard after ~T)",
     )
     p.add_argument(
         "--max-bytes",
         type=float,
         default=4e9,
-        help="skip DEER/ELK where batch*T*D^2*4 bytes exceeds this",
+        help="skip DEER/ELK where batch*T*D^2*itemsize bytes exceeds this",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-
-    if args.smoke:  # seconds: the plumbing end to end, for the tests
-        Ts, Ds, batch, reps = (32,), (2,), 2, 1
-        args.solvers = tuple(n for n in args.solvers if n in ("DEER", "QuasiDEER"))
-    elif args.quick:
-        Ts, Ds, batch, reps = (1_000, 10_000), (2, 8), 4, 3
-    else:
-        Ts, Ds, batch, reps = FULL_T, FULL_D, 16, 5
-    Ts, Ds = args.Ts or Ts, args.Ds or Ds
-    # Picard needs about T iterations on a GRU (its A_t = I is far from the true
-    # Jacobian), which would dominate the sweep: cap it and report it unconverged.
-    cap = args.max_steps if args.max_steps is not None else (200 if args.quick else 1000)
-    batch = args.batch or batch
-    reps = args.reps or reps
-    device = _select_device(args.device)
-    solvers = available_solvers(args.solvers)
-
-    rows = []
-    failed_at = {}  # (method, D) -> T of the first out-of-memory
-    configs = [(D, T) for D in Ds for T in sorted(Ts)]
-    with jax.default_device(device):
-        for D, T in progress(configs, desc=f"timing on {device.platform}"):
-            key_cell, key_x = jax.random.split(jax.random.fold_in(jax.random.key(args.seed), D))
-            cell, cell_name = make_cell(D, key_cell)
-            xs = jax.random.normal(key_x, (batch, T, D), jnp.float32)
-            h0 = jnp.zeros((batch, D), jnp.float32)
-            common = dict(device=device.platform, cell=cell_name, batch=batch, D=D, T=T)
-
-            seq_row, ref = measure("sequential", None, cell, xs, h0, reps=reps, max_steps=None)
-            seq_row["max_abs_err"] = 0.0 if ref is not None else ""
-            rows.append(dict(common, method="sequential", speedup=1.0, **seq_row))
-            for name, solver in solvers.items():
-                row = dict(common, method=name, speedup="")
-                dense_bytes = 4 * batch * T * D * D
-                if solver.jacobian == "dense" and dense_bytes > args.max_bytes:
-                    rows.append(
-                        dict(
-                            row,
-                            status="skipped",
-                            message=(f"dense Jacobians need {dense_bytes:.3g} B > --max-bytes"),
-                        )
-                    )
-                    continue
-                if (name, D) in failed_at:
-                    rows.append(
-                        dict(
-                            row,
-                            status="skipped",
-                            message=(f"out of memory at T={failed_at[name, D]}"),
-                        )
-                    )
-                    continue
-                got, _ = measure(
-                    name,
-                    solver,
-                    cell,
-                    xs,
-                    h0,
-                    reps=reps,
-                    max_steps=min(T, cap) if cap > 0 else None,
-                    reference=ref,
-                )
-                if got["status"] == "oom":
-                    failed_at[name, D] = T
-                # A speed-up only means something for a solve that reached the tolerance.
-                if got["status"] == "ok" and got["converged"] and seq_row["status"] == "ok":
-                    row["speedup"] = seq_row["time_s"] / got["time_s"]
-                rows.append(dict(row, **got))
-            del ref
-
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse(p, argv)
+    with dtype_scope(args):
+        rows = run(args)
     write_csv(args.out / "timing.csv", rows)
     plot(rows, args.out / "timing.png")
+    device = select_device(args.device)
+    r0 = rows[0]
     print(
-        f"\nDevice: {device.device_kind} ({device.platform}), cell {cell_name}, "
-        f"batch {batch}, float32, reps {reps}"
+        f"\nDevice: {device.device_kind} ({device.platform}), cell {r0['cell']}, "
+        f"batch {r0['batch']}, {r0['dtype']}"
     )
     print("Speed-up over sequential (iterations in brackets; >1 means faster):\n")
     print(speedup_table(rows))
@@ -279,10 +230,10 @@ def main(argv=None) -> list[dict]:
 
 
 def speedup_table(rows) -> str:
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "sequential"]
+    methods = [m for m in dict.fromkeys(r["solver"] for r in rows) if m != "sequential"]
     table = []
     for (D, T), group in _groupby(rows, ("D", "T")).items():
-        by = {r["method"]: r for r in group}
+        by = {r["solver"]: r for r in group}
         seq = by["sequential"]
         line = dict(D=D, T=T, seq_ms=1e3 * seq["time_s"] if seq["status"] == "ok" else "fail")
         for m in methods:
@@ -293,6 +244,7 @@ def speedup_table(rows) -> str:
                 line[m] = r["status"]
             else:
                 su = f"{r['speedup']:.3g}x" if r["converged"] else "not conv."
+                su = "hit max_steps" if r.get("hit_max_steps") else su
                 line[m] = f"{su} ({r['num_steps']})"
         table.append(line)
     return format_table(table)
@@ -308,12 +260,11 @@ def _groupby(rows, keys):
 def plot(rows, path) -> None:
     plt = pyplot()
     Ds = sorted({r["D"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    colour = {m: f"C{i}" for i, m in enumerate(methods)}
+    methods = list(dict.fromkeys(r["solver"] for r in rows))
     fig, axes = plt.subplots(2, len(Ds), figsize=(3.6 * len(Ds), 6.4), squeeze=False)
     for j, D in enumerate(Ds):
         for m in methods:
-            pts = [r for r in rows if r["D"] == D and r["method"] == m and r["status"] == "ok"]
+            pts = [r for r in rows if r["D"] == D and r["solver"] == m and r["status"] == "ok"]
             pts.sort(key=lambda r: r["T"])
             if not pts:
                 continue
@@ -323,21 +274,18 @@ def plot(rows, path) -> None:
                 axes[0, j].plot(
                     [r["T"] for r in fast],
                     [r["speedup"] for r in fast],
-                    "o-",
-                    color=colour[m],
                     label=m,
+                    **style(m),
                 )
             mem = [r["compiled_bytes"] or math.nan for r in pts]
-            axes[1, j].plot(T, np.array(mem, float), "o-", color=colour[m], label=m)
+            axes[1, j].plot(T, np.array(mem, float), label=m, **style(m))
         axes[0, j].axhline(1.0, color="k", lw=0.8, ls=":")
         axes[0, j].set(xscale="log", yscale="log", title=f"D = {D}", xlabel="T")
         axes[1, j].set(xscale="log", yscale="log", xlabel="T")
     axes[0, 0].set_ylabel("speed-up over sequential")
     axes[1, 0].set_ylabel("compiled memory (bytes)")
     axes[1, -1].legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

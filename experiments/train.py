@@ -1,8 +1,8 @@
 """Training through solve_parallel: BPTT vs QuasiDEER and DEER with exact (IFT) gradients.
 
-    python -m experiments.train [--quick] [--out results] [--float64]
+    python -m experiments.train [--quick] [--out results] [--dtype float64] [--solvers BPTT DEER]
 
-A GRU (`parallel_rnn.cells.GRU` when the library has it, else `eqx.nn.GRUCell`)
+A GRU (`parallel_rnn.cells.GRU`, with closed-form Jacobians)
 with a linear readout learns the leaky integral of a noisy input,
 `y_t = a y_{t-1} + sqrt(1 - a²) x_t`, `x_t ~ N(0, 1)`, `a = 0.9` (`--decay`),
 from the whole sequence (MSE over every time step). It is trained three ways
@@ -19,11 +19,10 @@ gradient of it, the three loss curves must agree; the study prints their largest
 relative difference, the forward iterations per step (max over the batch) and the
 time per step (median after compilation), and writes `train.csv` and `train.png`.
 
-float32 by default (`--float64` for double precision). Full mode: T=4096,
+float32 by default (`--dtype float64` for double precision). Full mode: T=4096,
 300 steps; `--quick`: T=512, 30 steps (a minute or two on a 2-core CPU).
 """
 
-import argparse
 import time
 
 import equinox as eqx
@@ -34,7 +33,18 @@ import optax
 
 import parallel_rnn as prnn
 
-from ._common import format_table, parser, progress, pyplot, write_csv
+from ._common import (
+    by_mode,
+    dtype_scope,
+    format_table,
+    parse,
+    progress,
+    pyplot,
+    save_figure,
+    study_parser,
+    style,
+    write_csv,
+)
 
 
 METHODS = ("BPTT", "QuasiDEER", "DEER")
@@ -48,8 +58,7 @@ class Model(eqx.Module):
         kc, kr = jax.random.split(key)
         # The library's GRU has an analytic Jacobian diagonal, which makes the
         # quasi solvers O(T·D); Equinox's own cell works too (autodiff diagonal).
-        cell_cls = getattr(prnn.cells, "GRU", eqx.nn.GRUCell)
-        self.cell = cell_cls(1, hidden, key=kc, dtype=dtype)
+        self.cell = prnn.cells.GRU(1, hidden, key=kc, dtype=dtype)
         self.readout = eqx.nn.Linear(hidden, 1, key=kr, dtype=dtype)
 
 
@@ -114,10 +123,10 @@ def train(method, model, xs, ys, h0, steps, lr):
         loss = float(loss)  # blocks until the step is done
         rows.append(
             dict(
-                method=method,
+                solver=method,
                 step=i,
                 loss=loss,
-                iterations=int(iters) if method != "BPTT" else "",
+                num_steps=int(iters) if method != "BPTT" else "",
                 converged=bool(converged),
                 step_time_s=time.perf_counter() - t0,
             )
@@ -125,99 +134,99 @@ def train(method, model, xs, ys, h0, steps, lr):
     return rows
 
 
-def main(argv=None) -> list[dict]:
-    p = parser(__doc__)
-    p.add_argument("--T", type=int, default=None, help="sequence length (default 4096)")
-    p.add_argument("--steps", type=int, default=None, help="Adam steps (default 300)")
-    p.add_argument("--hidden", type=int, default=None, help="GRU hidden size (default 8)")
-    p.add_argument("--batch", type=int, default=None, help="sequences per batch (default 4)")
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--decay", type=float, default=0.9, help="leak a of the target integral")
-    p.add_argument("--float64", action="store_true", help="train in float64")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.smoke:  # seconds: the plumbing end to end, for the tests
-        args.T, args.steps, args.hidden, args.batch = 64, 3, 4, 2
-    T = args.T or (512 if args.quick else 4096)
-    steps = args.steps or (30 if args.quick else 300)
-    hidden = args.hidden or 8
-    batch = args.batch or 4
-    if args.float64:
-        jax.config.update("jax_enable_x64", True)
-    dtype = jnp.float64 if args.float64 else jnp.float32
-
-    xs, ys = make_data(jax.random.key(1), batch, T, args.decay, dtype)
-    model = Model(hidden, dtype, key=jax.random.key(0))
+def run(args) -> tuple[dict[str, list[dict]], dict]:
+    """Train once per solver from the same initialisation; rows per Adam step."""
+    T = (args.T or [by_mode(args, smoke=64, quick=512, full=4096)])[0]
+    steps = args.steps or by_mode(args, smoke=3, quick=30, full=300)
+    hidden = (args.D or [by_mode(args, smoke=4, quick=8, full=8)])[0]
+    batch = args.batch or by_mode(args, smoke=2, quick=4, full=4)
+    dtype = jnp.dtype(args.dtype)
+    key_data, key_model = jax.random.split(jax.random.key(args.seed))
+    xs, ys = make_data(key_data, batch, T, args.decay, dtype)
+    model = Model(hidden, dtype, key=key_model)
     h0 = jnp.zeros(hidden, dtype)
-    cell_name = type(model.cell).__module__.split(".")[0] + "." + type(model.cell).__name__
-    print(
-        f"{cell_name} hidden={hidden}, T={T}, batch={batch}, steps={steps}, "
-        f"{jnp.dtype(dtype).name}, Adam lr={args.lr} (cosine decay, clip 1), "
-        f"backend={jax.default_backend()}"
-    )
-
-    rows = []
+    setup = dict(hidden=hidden, T=T, batch=batch, steps=steps, dtype=dtype.name)
     curves = {}
-    methods = ["BPTT", *(m for m in args.methods if m != "BPTT")]
+    methods = ["BPTT", *(m for m in args.solvers if m != "BPTT")]
     for method in progress(methods, desc="methods"):
-        method_rows = train(method, model, xs, ys, h0, steps, args.lr)
-        rows += method_rows
-        curves[method] = method_rows
+        curves[method] = train(method, model, xs, ys, h0, steps, args.lr)
+    return curves, setup
 
+
+def tabulate(curves: dict[str, list[dict]]) -> list[dict]:
+    """One summary row per solver, compared with the BPTT loss curve."""
     bptt = np.array([r["loss"] for r in curves["BPTT"]])
     summary = []
     for method, mrows in curves.items():
         loss = np.array([r["loss"] for r in mrows])
         times = np.array([r["step_time_s"] for r in mrows])
-        iters = [r["iterations"] for r in mrows if r["iterations"] != ""]
+        iters = [r["num_steps"] for r in mrows if r["num_steps"] != ""]
         rel = np.abs(loss - bptt) / np.abs(bptt)
         summary.append(
             dict(
-                method=method,
+                solver=method,
                 first_loss=float(loss[0]),
                 final_loss=float(loss[-1]),
                 max_rel_diff_vs_BPTT=float(np.max(rel)),
                 # Round-off differences grow through the optimiser's path; this says
                 # for how long the curves stay within 1e-3 of each other.
-                steps_within_1em3=int(np.argmax(rel > 1e-3)) if np.any(rel > 1e-3) else steps,
+                steps_within_1em3=int(np.argmax(rel > 1e-3)) if np.any(rel > 1e-3) else len(rel),
                 step_ms_median=1e3 * float(np.median(times[1:])) if len(times) > 1 else "",
                 first_step_s=float(times[0]),  # includes compilation
-                iters_mean=float(np.mean(iters)) if iters else "",
-                iters_max=int(np.max(iters)) if iters else "",
+                num_steps_mean=float(np.mean(iters)) if iters else "",
+                num_steps_max=int(np.max(iters)) if iters else "",
                 not_converged=sum(not r["converged"] for r in mrows),
             )
         )
-    print(format_table(summary))
-    for s in summary[1:]:
-        print(
-            f"max relative difference of the {s['method']} loss curve vs BPTT: "
-            f"{s['max_rel_diff_vs_BPTT']:.3g}"
-        )
-    if any(s["not_converged"] for s in summary):
-        print("WARNING: some forward solves did not converge (see the `converged` column)")
+    return summary
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "train.csv", rows)
-    write_csv(args.out / "train_summary.csv", summary)
 
+def plot(curves: dict[str, list[dict]], setup: dict, path) -> None:
     plt = pyplot()
     fig, (ax_loss, ax_iter) = plt.subplots(1, 2, figsize=(10, 4))
-    for (method, mrows), style in zip(curves.items(), ("-", "--", ":")):
+    for method, mrows in curves.items():
         step = [r["step"] for r in mrows]
-        ax_loss.semilogy(step, [r["loss"] for r in mrows], style, label=method, lw=2)
+        look = dict(style(method), marker="", lw=2)
+        ax_loss.semilogy(step, [r["loss"] for r in mrows], label=method, **look)
         if method != "BPTT":
-            ax_iter.plot(step, [r["iterations"] for r in mrows], style, label=method, lw=2)
+            ax_iter.plot(step, [r["num_steps"] for r in mrows], label=method, **look)
     ax_loss.set_xlabel("Adam step")
     ax_loss.set_ylabel("training MSE")
-    ax_loss.set_title(f"GRU D={hidden}, T={T}, {jnp.dtype(dtype).name}")
+    ax_loss.set_title(f"GRU D={setup['hidden']}, T={setup['T']}, {setup['dtype']}")
     ax_loss.legend()
     ax_iter.set_xlabel("Adam step")
     ax_iter.set_ylabel("forward iterations (max over batch)")
     ax_iter.set_title("warm-started from the previous step")
     ax_iter.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "train.png", dpi=120)
+    save_figure(fig, path)
+
+
+def main(argv=None) -> list[dict]:
+    p = study_parser(__doc__, solvers=METHODS)
+    p.add_argument("--steps", type=int, default=None, help="Adam steps (default 300)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per batch (default 4)")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--decay", type=float, default=0.9, help="leak a of the target integral")
+    args = parse(p, argv, solver_names=METHODS)
+    with dtype_scope(args):
+        curves, setup = run(args)
+    print(
+        f"cells.GRU hidden={setup['hidden']}, T={setup['T']}, batch={setup['batch']}, "
+        f"steps={setup['steps']}, {setup['dtype']}, Adam lr={args.lr} (cosine decay, clip 1), "
+        f"backend={jax.default_backend()}"
+    )
+    summary = tabulate(curves)
+    print(format_table(summary))
+    for s in summary[1:]:
+        print(
+            f"max relative difference of the {s['solver']} loss curve vs BPTT: "
+            f"{s['max_rel_diff_vs_BPTT']:.3g}"
+        )
+    if any(s["not_converged"] for s in summary):
+        print("WARNING: some forward solves did not converge (see the `converged` column)")
+    write_csv(args.out / "train.csv", [r for rows in curves.values() for r in rows])
+    write_csv(args.out / "train_summary.csv", summary)
+    plot(curves, setup, args.out / "train.png")
     written = ", ".join(str(args.out / n) for n in ("train.csv", "train_summary.csv", "train.png"))
     print(f"wrote {written}")
     return summary

@@ -22,23 +22,23 @@ def _run(module_name, tmp_path, *extra, plots=True):
 
 def test_timing_smoke_writes_rows_for_sequential_and_solvers(tmp_path):
     rows, (path,) = _run("timing", tmp_path)
-    methods = {r["method"] for r in rows}
+    methods = {r["solver"] for r in rows}
     assert {"sequential", "DEER", "QuasiDEER"} <= methods
     with open(path) as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows)
     for r in rows:
         assert r["status"] == "ok"
-        if r["method"] != "sequential":
+        if r["solver"] != "sequential":
             # float32 solves that converged agree with lax.scan.
             assert r["converged"] and r["max_abs_err"] < 1e-4
 
 
 def test_timing_records_skipped_dense_solver_instead_of_running_it(tmp_path):
     rows, _ = _run("timing", tmp_path, "--max-bytes", "1")
-    (deer,) = [r for r in rows if r["method"] == "DEER"]
+    (deer,) = [r for r in rows if r["solver"] == "DEER"]
     assert deer["status"] == "skipped"
-    assert any(r["method"] == "QuasiDEER" and r["status"] == "ok" for r in rows)
+    assert any(r["solver"] == "QuasiDEER" and r["status"] == "ok" for r in rows)
 
 
 def test_predictability_smoke_counts_iterations_and_lle(tmp_path):
@@ -58,6 +58,21 @@ def test_other_study_smoke(name, tmp_path):
     _run(name, tmp_path)
 
 
-def test_bench_diagonal_smoke_writes_tables(tmp_path):
-    # A printed benchmark: CSV tables, no plot.
-    _run("bench_diagonal", tmp_path, plots=False)
+def test_bench_diagonal_smoke_writes_tables_and_plot(tmp_path):
+    _run("bench_diagonal", tmp_path)
+
+
+def test_log_plots_drop_non_finite_and_zero_residuals():
+    from experiments._common import positive
+
+    xs, ys = positive([1, 2, 3, 4, 5], [1.0, float("inf"), 0.0, float("nan"), 1e-3])
+    assert xs.tolist() == [1.0, 5.0] and ys.tolist() == [1.0, 1e-3]
+
+
+def test_study_options_reject_unknown_solver():
+    from experiments._common import parse, study_parser
+
+    with pytest.raises(SystemExit):
+        parse(study_parser("x"), ["--solvers", "Newton"])
+    args = parse(study_parser("x"), ["--quick", "--T", "1e3", "2000"])
+    assert args.mode == "quick" and args.T == [1000, 2000]
