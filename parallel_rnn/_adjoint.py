@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
 from ._iterate import Outcome, iterate
+from ._misc import shift_left, shift_right
 from ._problem import FlatCell, Problem, make_spec
 from ._scan import Method, transposed_recurrence
 from ._solver.base import AbstractSolver, Iterate, safeguard
@@ -39,14 +40,14 @@ class _AdjointCell(eqx.Module):
 
     fn: FlatCell
 
-    def __call__(self, inp, lam):
+    def __call__(self, inp, costate):
         x_next, s_t, sbar_t, valid = inp
         _, vjp = jax.vjp(lambda s: self.fn(x_next, s), s_t)
-        (back,) = vjp(lam)
+        (back,) = vjp(costate)
         return sbar_t + jnp.where(valid, back, 0)
 
-    def diagonal(self, inp, lam):
-        del lam
+    def diagonal(self, inp, costate):
+        del costate
         x_next, s_t, _, valid = inp
         # A and Aᵀ share their diagonal.
         return jnp.where(valid, self.fn.diagonal(x_next, s_t), 0)
@@ -73,9 +74,9 @@ class _DenseAdjoint(AbstractSolver):
     scan: Method
     jacobian = "dense"
 
-    def _f(self, lam_reversed):
-        (mu,) = self.transpose(jnp.flip(lam_reversed, axis=0))
-        return jnp.flip(self.cotangent + jnp.concatenate([mu[1:], jnp.zeros_like(mu[:1])]), 0)
+    def _f(self, costate_reversed):
+        (mu,) = self.transpose(jnp.flip(costate_reversed, axis=0))
+        return jnp.flip(self.cotangent + shift_left(mu), 0)
 
     def init(self, problem, states):
         del problem
@@ -150,13 +151,13 @@ def _adjoint_problem(
 
 
 def parameter_cotangents(
-    problem: Problem, states: Float[Array, "T D"], lam: Float[Array, "T D"]
+    problem: Problem, states: Float[Array, "T D"], costate: Float[Array, "T D"]
 ) -> tuple[PyTree, PyTree, Float[Array, " D"]]:
     """One batched VJP of the cell: cotangents of (flat cell, inputs, `s_0`)."""
 
     def batched(fn, inputs, init):
-        prev = jnp.concatenate([init[None], states[:-1]], axis=0)
+        prev = shift_right(states, init)
         return jax.vmap(fn)(inputs, prev)
 
     _, vjp = eqx.filter_vjp(batched, problem.fn, problem.inputs, problem.init)
-    return vjp(lam)
+    return vjp(costate)

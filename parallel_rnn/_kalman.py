@@ -45,18 +45,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Scalar
 
+from ._misc import matmul as _mm, matvec as _mv
 from ._scan import Method, _small_matvec, resolve_method
-
-
-_HIGHEST = lax.Precision.HIGHEST
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=_HIGHEST)
-
-
-def _mv(a, x):
-    return jnp.einsum("...ij,...j->...i", a, x, precision=_HIGHEST)
 
 
 def _t(a):

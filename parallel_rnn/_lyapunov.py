@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
+from ._misc import shift_right
 from ._validate import check_inputs, check_state
 
 
@@ -95,7 +96,7 @@ def lyapunov_exponent(
         )
     s0 = spec.ravel(init_state)
     traj = spec.ravel_trajectory(states)
-    prev = jnp.concatenate([s0[None], traj[:-1]], axis=0)
+    prev = shift_right(traj, s0)
     if key is None:
         key = jax.random.key(0)
     v0 = jax.random.normal(key, s0.shape, spec.dtype)

@@ -23,12 +23,10 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from ._misc import HIGHEST as _HIGHEST, matvec as _matvec, shift_left
+
 
 Method = Literal["auto", "associative", "sequential"]
-
-# The dense combine is a chain of matmuls; JAX's DEFAULT precision is TF32 on
-# recent NVIDIA GPUs, which would cap DEER's accuracy near 1e-3.
-_HIGHEST = lax.Precision.HIGHEST
 
 
 def resolve_method(method: Method) -> Literal["associative", "sequential"]:
@@ -37,10 +35,6 @@ def resolve_method(method: Method) -> Literal["associative", "sequential"]:
     if method not in ("associative", "sequential"):
         raise ValueError(f"`method` must be 'auto', 'associative' or 'sequential', got {method!r}")
     return method
-
-
-def _matvec(A, x):
-    return jnp.einsum("...ij,...j->...i", A, x, precision=_HIGHEST)
 
 
 def _dense_combine(earlier, later):
@@ -128,7 +122,7 @@ def transposed_recurrence(
 
     c = jnp.einsum("tji,tj->ti", A, b, precision=_HIGHEST)
     _, mu = lax.associative_scan(_transposed_combine, (A, c), reverse=True)
-    return b + jnp.concatenate([mu[1:], jnp.zeros_like(mu[:1])], axis=0)
+    return b + shift_left(mu)
 
 
 def diagonal_recurrence(

@@ -43,6 +43,13 @@ class AbstractSolver(eqx.Module):
     jacobian: eqx.AbstractClassVar[Literal["dense", "diagonal"]]
     scan: eqx.AbstractVar[Method]
 
+    def __check_init__(self):
+        # At construction, not when first traced: `DEER(scan="x")` fails here.
+        if self.scan not in ("auto", "associative", "sequential"):
+            raise ValueError(
+                f"`scan` must be 'auto', 'associative' or 'sequential', got {self.scan!r}"
+            )
+
     @abc.abstractmethod
     def init(self, problem: Problem, states: Float[Array, "T D"]) -> tuple[Iterate, Any]:
         """Evaluate the cell on the initial guess; return the iterate and solver state."""

@@ -28,6 +28,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from .._kalman import kalman_filter, kalman_smoother
+from .._misc import shift_right
 from .._problem import Problem
 from .._scan import Method, resolve_method
 from .base import AbstractSolver, Iterate, safeguard
@@ -46,7 +47,7 @@ class _DampingState(eqx.Module):
 
 def _shifted_product(jac, d):
     """`(A_t d_{t-1})_t` with `d_0 = 0`, for dense `(T, D, D)` or diagonal `(T, D)` `A`."""
-    prev = jnp.concatenate([jnp.zeros_like(d[:1]), d[:-1]])
+    prev = shift_right(d, jnp.zeros_like(d[0]))
     if jac.ndim == 3:
         return jnp.einsum("tij,tj->ti", jac, prev, precision=lax.Precision.HIGHEST)
     return jac * prev

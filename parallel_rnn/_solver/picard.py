@@ -5,7 +5,22 @@ from .._scan import Method, prefix_sum
 from .base import AbstractLinearisedSolver
 
 
-class Picard(AbstractLinearisedSolver):
+class _AbstractZerothOrder(AbstractLinearisedSolver):
+    """Solvers that use no Jacobian in the forward pass; they differ in `correction`.
+
+    Their gradient is still exact: it solves the adjoint recurrence with the
+    Jacobian diagonal by quasi-Newton iterations (`jacobian = "diagonal"`), and
+    `scan` says how those linear recurrences are evaluated.
+    """
+
+    scan: Method = "auto"
+    jacobian = "diagonal"
+
+    def linearise(self, problem: Problem, states):
+        return problem.evaluate(states), None
+
+
+class Picard(_AbstractZerothOrder):
     """Picard iteration: `Ã_t = I`, so each step is a prefix sum of the residuals.
 
     No Jacobian at all; converges when the cell is close to the identity map
@@ -13,22 +28,17 @@ class Picard(AbstractLinearisedSolver):
 
     **Arguments:**
 
-    - `scan`: unused (a prefix sum is always a cumulative sum); kept so every
-      solver takes the same options.
+    - `scan`: `"auto"`, `"associative"` or `"sequential"`: how the linear
+      recurrences of the *gradient* are evaluated (as for `DEER`). The forward
+      step is a cumulative sum, which XLA evaluates in parallel on its own.
     """
-
-    scan: Method = "auto"
-    jacobian = "diagonal"
-
-    def linearise(self, problem: Problem, states):
-        return problem.evaluate(states), None
 
     def correction(self, jac, rhs):
         del jac
         return prefix_sum(rhs)
 
 
-class Jacobi(AbstractLinearisedSolver):
+class Jacobi(_AbstractZerothOrder):
     """Jacobi iteration: `Ã_t = 0`, i.e. `s_t ← f(x_t, s_{t-1})` for all `t` at once.
 
     No scan and no Jacobian; each iteration makes (at least) one more step exact,
@@ -36,14 +46,8 @@ class Jacobi(AbstractLinearisedSolver):
 
     **Arguments:**
 
-    - `scan`: unused; kept so every solver takes the same options.
+    - `scan`: as for `Picard`: only the gradient's linear recurrences use it.
     """
-
-    scan: Method = "auto"
-    jacobian = "diagonal"
-
-    def linearise(self, problem: Problem, states):
-        return problem.evaluate(states), None
 
     def correction(self, jac, rhs):
         del jac

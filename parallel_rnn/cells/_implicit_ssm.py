@@ -37,9 +37,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, Scalar
 
-
-def _default_dtype(dtype):
-    return jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else dtype
+from .._misc import default_dtype
 
 
 def _max_norm(tree) -> Scalar:
@@ -117,7 +115,7 @@ class ImplicitSSM(eqx.Module):
             raise ValueError(f"`damping` must lie in [0, 1); got {damping}")
         if max_steps < 1:
             raise ValueError(f"`max_steps` must be >= 1; got {max_steps}")
-        dtype = _default_dtype(dtype)
+        dtype = default_dtype(dtype)
         M, D, K = input_size, state_size, hidden_size
         keys = iter(jax.random.split(key, 10))
 

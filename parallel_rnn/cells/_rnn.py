@@ -16,10 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-
-def _default_dtype(dtype):
-    # float64 when x64 is on, float32 otherwise (as Equinox's own layers do).
-    return jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else dtype
+from .._misc import default_dtype
 
 
 def _block_diagonals(weight: Array, blocks: int) -> list[Array]:
@@ -249,7 +246,7 @@ class Elman(eqx.Module):
         *,
         key: PRNGKeyArray,
     ):
-        dtype = _default_dtype(dtype)
+        dtype = default_dtype(dtype)
         k_hh, k_ih = jax.random.split(key)
         self.weight_hh = (gain / math.sqrt(hidden_size)) * jax.random.normal(
             k_hh, (hidden_size, hidden_size), dtype

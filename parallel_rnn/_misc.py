@@ -1,0 +1,37 @@
+"""Small numerical helpers shared across the package."""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float
+
+
+# JAX's DEFAULT matmul precision is TF32 on recent NVIDIA GPUs, which would cap
+# DEER's (and the Kalman smoother's) accuracy near 1e-3: every product of
+# Jacobians asks for full precision.
+HIGHEST = lax.Precision.HIGHEST
+
+
+def matmul(a: Array, b: Array) -> Array:
+    """`a @ b` (batched over leading axes) at full float precision."""
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def matvec(a: Float[Array, "... D K"], x: Float[Array, "... K"]) -> Float[Array, "... D"]:
+    """`a x` (batched over leading axes) at full float precision."""
+    return jnp.einsum("...ij,...j->...i", a, x, precision=HIGHEST)
+
+
+def default_dtype(dtype):
+    """`dtype`, or float64 when x64 is on and float32 otherwise (as Equinox's layers do)."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else dtype
+
+
+def shift_right(x: Float[Array, "T ..."], first: Float[Array, "..."]) -> Float[Array, "T ..."]:
+    """`(x_1..x_T) -> (first, x_1..x_{T-1})`: each step's predecessor, `first` at `t = 1`."""
+    return jnp.concatenate([first[None], x[:-1]], axis=0)
+
+
+def shift_left(x: Float[Array, "T ..."]) -> Float[Array, "T ..."]:
+    """`(x_1..x_T) -> (x_2..x_T, 0)`: each step's successor, zero after the last."""
+    return jnp.concatenate([x[1:], jnp.zeros_like(x[:1])], axis=0)
