@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Scalar
 
-from ._misc import matmul as _mm, matvec as _mv
+from ._misc import add_identity, matmul as _mm, matvec as _mv
 from ._scan import Method, _small_matvec, resolve_method
 
 
@@ -73,7 +73,7 @@ def _dense_filter_combine(earlier, later):
     A_i, b_i, C_i, J_i, eta_i = earlier
     A_j, b_j, C_j, J_j, eta_j = later
     D = A_i.shape[-1]
-    M = jnp.eye(D, dtype=A_i.dtype) + _mm(C_i, J_j)
+    M = add_identity(_mm(C_i, J_j))
     rhs = jnp.concatenate([A_i, (b_i + _mv(C_i, eta_j))[..., None], _mm(C_i, _t(A_j))], axis=-1)
     # One factorisation for the three products with (I + C_i J_j)⁻¹; the two with
     # (I + J_j C_i)⁻¹ are its transpose since C and J are symmetric.
@@ -106,7 +106,7 @@ def _filter_elements(A, b, y, k, c, dense):
     if dense:
         D = b.shape[-1]
         A = jnp.where(first[:, None, None], 0, A)
-        C = c[..., None] * jnp.eye(D, dtype=b.dtype)
+        C = c[..., None] * jnp.eye(D, dtype=b.dtype)[None]
         J = k[..., None] * _mm(_t(A), A)
         return c[..., None] * A, c * b + k * y, C, J, k * _mv(_t(A), innov)
     A = jnp.where(first[:, None], 0, A)
@@ -144,7 +144,7 @@ def _parallel_smoother(A, b, m, P, dense):
     beta = jnp.roll(b, -1, axis=0)
     if dense:
         FP = _mm(F, P)
-        S = _mm(FP, _t(F)) + jnp.eye(b.shape[-1], dtype=b.dtype)
+        S = add_identity(_mm(FP, _t(F)))
         # E = P Fᵀ S⁻¹ = (S⁻¹ F P)ᵀ, S and P symmetric.
         E = _t(jnp.linalg.solve(S, FP))
         E = jnp.where(last[..., None], 0, E)

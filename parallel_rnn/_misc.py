@@ -35,3 +35,9 @@ def shift_right(x: Float[Array, "T ..."], first: Float[Array, "..."]) -> Float[A
 def shift_left(x: Float[Array, "T ..."]) -> Float[Array, "T ..."]:
     """`(x_1..x_T) -> (x_2..x_T, 0)`: each step's successor, zero after the last."""
     return jnp.concatenate([x[1:], jnp.zeros_like(x[:1])], axis=0)
+
+
+def add_identity(a: Float[Array, "... D D"]) -> Float[Array, "... D D"]:
+    """`a + I` for a (batch of) square matrices, without implicit rank promotion."""
+    D = a.shape[-1]
+    return a + jnp.eye(D, dtype=a.dtype).reshape((1,) * (a.ndim - 2) + (D, D))

@@ -82,7 +82,7 @@ def safeguard(
       by induction), so nothing non-finite ever reaches the next linearisation.
     """
     T = proposal.shape[0]
-    t = jnp.arange(T)[:, None]
+    t = jnp.arange(T, dtype=frontier.dtype)[:, None]
     bad = ~jnp.all(jnp.isfinite(proposal), axis=1, keepdims=True) | jnp.any(
         jnp.abs(proposal) > _explosion_bound(proposal.dtype), axis=1, keepdims=True
     )

@@ -101,7 +101,7 @@ class _AbstractELK(AbstractSolver):
         s, jac = iterate.states, iterate.jac
         T = s.shape[0]
         r = s - iterate.fs
-        t = jnp.arange(T)
+        t = jnp.arange(T, dtype=frontier.dtype)
         # The LM step on the unsolved part only. Steps before the frontier are
         # exact and the frontier step is made exact (`δ_f = -r_f`): both are pinned
         # by an exact observation (λ_t = inf), so the smoother cannot move solved
