@@ -165,14 +165,12 @@ def _parallel_smoother(A, b, m, P, dense):
 
 # ---------------------------------------------------------------------------
 # Small dense algebra for the sequential recursions. On CPU every dot and every
-# `jnp.linalg.solve` in a scan body is a library call with a fixed cost of about a
-# microsecond (a LAPACK solve several), whatever D: a dense Kalman step cost
-# about 6 µs at D = 4. Up to D = 8 the products are written as fused multiply-
-# and-sums and the solves as Gauss–Jordan sweeps in plain array ops: every
-# matrix solved here is symmetric positive definite with eigenvalues >= 1
-# (I + λP⁻ and A P Aᵀ + I), for which elimination without pivoting is stable.
-# Measured per ELK iteration (GRU, T = 1e4): 64 -> 20 ms at D = 4, 73 -> 30-37 ms
-# at D = 8; at D = 16 the fused forms were slower than the library calls.
+# `jnp.linalg.solve` in a scan body is a library call with a fixed cost per call,
+# whatever D. Up to D = 8 the products are written as fused multiply-and-sums and
+# the solves as Gauss–Jordan sweeps in plain array ops: every matrix solved here
+# is symmetric positive definite with eigenvalues >= 1 (I + λP⁻ and A P Aᵀ + I),
+# for which elimination without pivoting is stable. Faster at D <= 8 and slower
+# from D = 16 (measurements: docs/performance.md).
 
 _SMALL = 8
 

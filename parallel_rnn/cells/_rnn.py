@@ -3,7 +3,7 @@
 `GRU` and `LSTM` hold Equinox's own cells and compute exactly their functions;
 what they add is `diagonal_jacobian(input_t, state)`, the diagonal of
 `∂new_state/∂state` in `O(D)` on top of one step (the gates are shared), where
-autodiff needs `D` JVP passes (ALGORITHMS.md §2.3), and `value_and_jacobian`,
+autodiff needs `D` JVP passes (the formulas are in docs/cells.md), and `value_and_jacobian`,
 the full Jacobian written from the gates in one pass over `D×D` (a few scaled
 copies of the recurrent weights), where `jax.jacfwd` pushes `D` tangents through
 every intermediate of the step.
@@ -210,7 +210,7 @@ class LSTM(_EquinoxCellWrapper):
     def diagonal_jacobian(
         self, input_t: Float[Array, " M"], state: tuple[Array, Array]
     ) -> tuple[Array, Array]:
-        """`(diag ∂h'/∂h, diag ∂c'/∂c = f)`; see ALGORITHMS.md §2.3."""
+        """`(diag ∂h'/∂h, diag ∂c'/∂c = f)`, from the gates (formulas: docs/cells.md)."""
         return self.value_and_diagonal_jacobian(input_t, state)[1]
 
 
