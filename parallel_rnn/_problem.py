@@ -114,11 +114,12 @@ class Problem(eqx.Module):
         self, states: Float[Array, "T D"]
     ) -> tuple[Float[Array, "T D"], Float[Array, "T D D"]]:
         """`f(x_t, s_{t-1})` and `A_t = ∂f/∂s(x_t, s_{t-1})`, sharing one primal pass."""
-        if self.fn.value_and_jac is not None:
+        value_and_jac = self.fn.value_and_jac
+        if value_and_jac is not None:
             spec = self.fn.spec
 
             def analytic(x, s):
-                value, jac = self.fn.value_and_jac(x, spec.unravel(s))
+                value, jac = value_and_jac(x, spec.unravel(s))
                 return spec.ravel(value), jac.astype(spec.dtype)
 
             # A closed form writes each A_t once from the gates; jacfwd pushes D
@@ -142,11 +143,12 @@ class Problem(eqx.Module):
     ) -> tuple[Float[Array, "T D"], Float[Array, "T D"]]:
         """`f(x_t, s_{t-1})` and the diagonal of `∂f/∂s`, never materialising `T×D×D`."""
         prev = self.shift(states)
-        if self.fn.value_and_diag is not None:
+        value_and_diag = self.fn.value_and_diag
+        if value_and_diag is not None:
             spec = self.fn.spec
 
             def both(x, s):
-                value, diag = self.fn.value_and_diag(x, spec.unravel(s))
+                value, diag = value_and_diag(x, spec.unravel(s))
                 return spec.ravel(value), spec.ravel(diag)
 
             return jax.vmap(both)(self.inputs, prev)

@@ -1,7 +1,7 @@
 """The solver interface, and the safeguard every solver applies to its proposals."""
 
 import abc
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -40,8 +40,16 @@ class AbstractSolver(eqx.Module):
     `"diagonal"` by quasi-Newton iterations with diagonal reverse scans (`O(T D)`).
     """
 
-    jacobian: eqx.AbstractClassVar[Literal["dense", "diagonal"]]
-    scan: eqx.AbstractVar[Method]
+    if TYPE_CHECKING:
+        # Pyright takes abstract variables for leading `__init__` fields, which
+        # would shift every concrete solver's positional arguments.
+        jacobian: ClassVar[Literal["dense", "diagonal"]]
+
+        @property
+        def scan(self) -> Method: ...
+    else:
+        jacobian: eqx.AbstractClassVar[Literal["dense", "diagonal"]]
+        scan: eqx.AbstractVar[Method]
 
     def __check_init__(self):
         # At construction, not when first traced: `DEER(scan="x")` fails here.

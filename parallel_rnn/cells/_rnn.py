@@ -63,11 +63,11 @@ class _EquinoxCellWrapper(eqx.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.cell.hidden_size
+        return self.cell.hidden_size  # pyright: ignore[reportAttributeAccessIssue]
 
     @property
     def input_size(self) -> int:
-        return self.cell.input_size
+        return self.cell.input_size  # pyright: ignore[reportAttributeAccessIssue]
 
 
 class GRU(_EquinoxCellWrapper):
@@ -96,11 +96,11 @@ class GRU(_EquinoxCellWrapper):
         cell = self.cell
         bias = cell.bias if cell.use_bias else 0
         bias_n = cell.bias_n if cell.use_bias else 0
-        i_r, i_z, i_n = jnp.split(cell.weight_ih @ input_t + bias, 3)
+        i_r, i_z, i_n = jnp.split(cell.weight_ih @ input_t + bias, 3)  # pyright: ignore[reportOperatorIssue]
         h_r, h_z, h_n = jnp.split(cell.weight_hh @ h, 3)
         r = jax.nn.sigmoid(i_r + h_r)
         z = jax.nn.sigmoid(i_z + h_z)
-        c_n = h_n + bias_n
+        c_n = h_n + bias_n  # pyright: ignore[reportOperatorIssue]
         n = jnp.tanh(i_n + r * c_n)
         new = n + z * (h - n)
         dn = (1 - z) * (1 - n**2)
