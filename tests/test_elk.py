@@ -11,7 +11,7 @@ import parallel_rnn as prnn
 from parallel_rnn._problem import FlatCell, Problem, make_spec
 from parallel_rnn._solver.base import Iterate
 
-from .helpers import max_abs_diff, scan_reference
+from .helpers import dense_bidiagonal, gru_problem, lstm_problem, max_abs_diff, scan_reference
 
 
 T = 24
@@ -20,16 +20,11 @@ SOLVERS = (prnn.ELK(), prnn.QuasiELK())
 
 
 def gru(dtype, scale=1.0):
-    cell = eqx.nn.GRUCell(3, 5, key=jax.random.key(0), dtype=dtype)
-    cell = eqx.tree_at(lambda c: c.weight_hh, cell, scale * cell.weight_hh)
-    xs = jax.random.normal(jax.random.key(1), (T, 3), dtype)
-    return cell, xs, jnp.zeros(5, dtype)
+    return gru_problem(dtype, T, 5, scale=scale)
 
 
 def lstm(dtype):
-    cell = eqx.nn.LSTMCell(3, 4, key=jax.random.key(2), dtype=dtype)
-    xs = jax.random.normal(jax.random.key(3), (T, 3), dtype)
-    return cell, xs, (jnp.zeros(4, dtype), jnp.full(4, 0.1, dtype))
+    return lstm_problem(dtype, T)
 
 
 class Lorenz96(eqx.Module):
@@ -55,10 +50,7 @@ def _dense_lm_step(jac, r, lam, frontier):
     """Solve (JᵀJ + λ I) δ = -Jᵀ r on the unsolved steps t > frontier, with
     δ_t = 0 before the frontier and δ_frontier = -r_frontier, as one dense system."""
     T_, D = r.shape
-    A = np.asarray(jac) if jac.ndim == 3 else np.stack([np.diag(a) for a in np.asarray(jac)])
-    J = np.eye(T_ * D)
-    for t in range(1, T_):
-        J[t * D : (t + 1) * D, (t - 1) * D : t * D] = -A[t]
+    J = dense_bidiagonal(jac)
     fixed = np.zeros(T_ * D)
     fixed[frontier * D : (frontier + 1) * D] = -np.asarray(r)[frontier]
     free = slice((frontier + 1) * D, None)

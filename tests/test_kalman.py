@@ -10,6 +10,8 @@ import pytest
 
 from parallel_rnn import _kalman
 
+from .helpers import dense_bidiagonal
+
 
 @jax.jit
 def _both(A, b, lam, y):
@@ -119,10 +121,7 @@ def test_smoother_mean_minimises_lm_objective(diagonal):
     # ½Σ‖s_t - A_t s_{t-1} - b_t‖² + (λ/2)Σ‖s_t - y_t‖², built densely here.
     A, b, y = problem(jnp.float64, diagonal, scale=1.5)
     lam = 0.2
-    Ad = np.asarray(dense_of(A))
-    J = np.eye(T * D)
-    for t in range(1, T):
-        J[t * D : (t + 1) * D, (t - 1) * D : t * D] = -Ad[t]
+    J = dense_bidiagonal(A)
     lhs = J.T @ J + lam * np.eye(T * D)
     rhs = J.T @ np.ravel(b) + lam * np.ravel(y)
     expected = np.linalg.solve(lhs, rhs).reshape(T, D)

@@ -12,6 +12,8 @@ from parallel_rnn._scan import (
     transposed_recurrence,
 )
 
+from .helpers import dense_bidiagonal
+
 
 T, D = 37, 3  # odd T exercises the odd/even split of the associative scan
 
@@ -45,10 +47,7 @@ def test_transposed_recurrence_solves_the_adjoint_system(method, width):
     kA, kb = jax.random.split(jax.random.key(5))
     A = (0.9 / width**0.5) * jax.random.normal(kA, (T, width, width), jnp.float64)
     b = jax.random.normal(kb, (T, width), jnp.float64)
-    n = T * width
-    M = np.eye(n)
-    for t in range(T - 1):  # x_t - A_{t+1}ᵀ x_{t+1} = b_t
-        M[t * width : (t + 1) * width, (t + 1) * width : (t + 2) * width] = -np.asarray(A[t + 1]).T
+    M = dense_bidiagonal(A).T  # x_t - A_{t+1}ᵀ x_{t+1} = b_t
     exact = np.linalg.solve(M, np.asarray(b).ravel()).reshape(T, width)
     got = transposed_recurrence(A, b, method=method)
     np.testing.assert_allclose(got, exact, rtol=1e-10, atol=1e-10)

@@ -1,13 +1,12 @@
 """solve_parallel against an independent lax.scan, for every undamped solver."""
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
 
 import parallel_rnn as prnn
 
-from .helpers import max_abs_diff, scan_reference
+from .helpers import gru_problem, lstm_problem, max_abs_diff, scan_reference
 
 
 SOLVERS = (prnn.DEER(), prnn.QuasiDEER(), prnn.Picard(), prnn.Jacobi())
@@ -17,15 +16,11 @@ ERR = {jnp.float32: 1e-4, jnp.float64: 1e-8}
 
 
 def gru(dtype):
-    cell = eqx.nn.GRUCell(3, 6, key=jax.random.key(0), dtype=dtype)
-    xs = jax.random.normal(jax.random.key(1), (T, 3), dtype)
-    return cell, xs, jnp.zeros(6, dtype)
+    return gru_problem(dtype, T)
 
 
 def lstm(dtype):
-    cell = eqx.nn.LSTMCell(3, 4, key=jax.random.key(2), dtype=dtype)
-    xs = jax.random.normal(jax.random.key(3), (T, 3), dtype)
-    return cell, xs, (jnp.zeros(4, dtype), jnp.full(4, 0.1, dtype))
+    return lstm_problem(dtype, T)
 
 
 def closure_dict(dtype):
