@@ -4,27 +4,31 @@ Every study is `python -m experiments.NAME` and is written in three parts,
 `run(args) -> rows`, `tabulate(rows) -> str` and `plot(rows, path)`, tied
 together by a short `main(argv)`. The API a study uses:
 
-- `study_parser(description, **defaults)`: the options every study takes:
+- `study_parser(description, *, solvers=…, dtype=…)`: the options every study takes:
   `--smoke` (seconds, for the tests; hidden), `--quick` (a CPU in minutes),
   `--T N [N ...]`, `--D N [N ...]` (numbers such as `1e4` accepted),
   `--solvers NAME [...]`, `--dtype float32|float64`, `--seed`, `--reps`,
   `--device auto|cpu|gpu`, `--out DIR`. A study adds its own options to it.
-- `parse(parser, argv)`: parses, checks `--device` and sets `args.mode` to
+- `parse(parser, argv, *, solver_names=…)`: parses, checks `--solvers` and
+  `--device`, and sets `args.mode` to
   `"smoke"`, `"quick"` or `"full"`; `by_mode(args, smoke=…, quick=…, full=…)` picks
   a size, and `args.T`/`args.D` are `None` unless given.
 - `dtype_scope(args)`: a context in which `args.dtype` is available (float64 is
   enabled for that block only, never globally), on `args.device`.
-- `solvers(args)` / `available_solvers(names)`: default-configured solvers by name.
+- `solvers(args)` / `available_solvers(names)`: default-configured solvers by name;
+  `select_device(kind)`: the JAX device of `--device`.
 - `time_fn`, `compiled_memory`, `executable_memory`, `device_peak_bytes`.
 - `write_csv(path, rows)` (the column vocabulary: experiments/README.md),
   `format_table(rows)`, `progress(it)`.
 - Plots: `pyplot()`, `save_figure(fig, path)` (saves and closes),
-  `SOLVER_STYLE[name]` (colour, marker, line style: overlapping curves stay
-  visible), `positive(xs, ys)` (drops non-finite and non-positive points before a
-  log axis), `plot_residuals(ax, traces, tol=…, capped=…)`.
+  `SOLVER_STYLE[name]` / `style(name)` (colour, marker, line style: overlapping
+  curves stay visible), `positive(xs, ys)` (drops non-finite and non-positive
+  points before a log axis), `plot_residuals(ax, traces, tol=…, capped=…)`.
 
-`parser(description)` is the older, smaller parser (`--quick`, `--out`,
-`--reps`), kept for studies that have not moved to `study_parser` yet.
+The older names keep working for studies written against them: `parser` (the
+smaller `--quick`/`--out`/`--reps` parser), `available_solvers`, `time_fn`,
+`compiled_memory`, `executable_memory`, `device_peak_bytes`, `write_csv`,
+`format_table`, `progress`, `pyplot`, `SOLVER_NAMES`.
 """
 
 import argparse
