@@ -1,8 +1,10 @@
 """Per-iteration cost of every solver against its floors: one batched cell evaluation
 and one linear-recurrence pass.
 
-    python -m experiments.bench_solvers [--quick] [--cells gru lstm] [--D 4 16 64]
-        [--T 10000 100000]
+    python -m experiments.bench_solvers [--quick] [--cells gru lstm eqx eqx-lstm]
+        [--D 4 16 64] [--T 10000 100000]
+
+`--cells eqx` (`eqx-lstm`) runs `eqx.nn.GRUCell` (`eqx.nn.LSTMCell`) unwrapped.
 
 For each cell, D and T (float32) it prints, measured in one run: the time of one
 batched cell evaluation over all T steps (`jax.vmap`), of one linear-recurrence
@@ -50,12 +52,17 @@ def make_cell(kind: str, D: int, key):
     if kind == "lstm":
         cls = getattr(cells, "LSTM", eqx.nn.LSTMCell)
         return cls(4, D, key=key, dtype=f32)
+    # Equinox's own cells as the README passes them (closed forms by registration).
+    if kind == "eqx":
+        return eqx.nn.GRUCell(4, D, key=key, dtype=f32)
+    if kind == "eqx-lstm":
+        return eqx.nn.LSTMCell(4, D, key=key, dtype=f32)
     raise ValueError(f"unknown cell {kind!r}")
 
 
 def init_state(kind: str, D: int):
     h = jnp.zeros(D, jnp.float32)
-    return (h, h) if kind == "lstm" else h
+    return (h, h) if kind in ("lstm", "eqx-lstm") else h
 
 
 def linear_scan_times(T: int, D: int, reps: int, max_dense_bytes: float) -> dict:
@@ -81,7 +88,7 @@ def bench_one(kind, D, T, reps, max_dense_bytes, solvers=SOLVERS, tol=None):
     cell = make_cell(kind, D, jax.random.key(0))
     xs = jax.random.normal(jax.random.key(1), (T, 4), jnp.float32)
     s0 = init_state(kind, D)
-    D_flat = 2 * D if kind == "lstm" else D
+    D_flat = 2 * D if kind in ("lstm", "eqx-lstm") else D
     traj = prnn.solve_sequential(cell, xs, s0)
     prev = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b[:-1]]), s0, traj)
 

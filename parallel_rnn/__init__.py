@@ -4,7 +4,12 @@ import importlib.metadata
 
 from . import cells as cells
 from ._lyapunov import lyapunov_exponent as lyapunov_exponent
-from ._scan import dense_recurrence as dense_recurrence, diagonal_recurrence as diagonal_recurrence
+from ._scan import (
+    block_recurrence as block_recurrence,
+    dense_recurrence as dense_recurrence,
+    diagonal_recurrence as diagonal_recurrence,
+    linear_recurrence as linear_recurrence,
+)
 from ._sequential import solve_sequential as solve_sequential
 from ._solution import Solution as Solution
 from ._solve import solve_parallel as solve_parallel
@@ -13,11 +18,13 @@ from ._solver import (
     ELK as ELK,
     AbstractLinearisedSolver as AbstractLinearisedSolver,
     AbstractSolver as AbstractSolver,
+    BlockQuasiDEER as BlockQuasiDEER,
     Jacobi as Jacobi,
     Picard as Picard,
     QuasiDEER as QuasiDEER,
     QuasiELK as QuasiELK,
 )
+from ._structure import register_jacobian as register_jacobian
 
 
 __version__ = importlib.metadata.version("parallel_rnn")

@@ -111,7 +111,7 @@ def adjoint(
     scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1).astype(states.dtype)
     cotangent = cotangent / scale
     if solver.jacobian == "dense":
-        _, A = problem.linearise_dense(states)
+        _, A = problem.linearise_exact(states)  # dense, or the cell's exact structure
         prev = problem.shift(states)
         _, transpose = jax.vjp(lambda p: jax.vmap(problem.fn)(problem.inputs, p), prev)
         adj_solver = _DenseAdjoint(A, cotangent, transpose, solver.scan)

@@ -69,7 +69,10 @@ class FlatCell(eqx.Module):
     cell's optional `value_and_diagonal_jacobian`, which shares the gates between
     the step and its diagonal (one pass instead of two). `value_and_jac` is the
     cell's optional `value_and_jacobian`, returning the new state and the `(D, D)`
-    Jacobian of the flat new state with respect to the flat state.
+    Jacobian of the flat new state with respect to the flat state. `blocks` returns
+    the new state and the `(n, k, k)` diagonal blocks of that Jacobian, and
+    `structure` says whether the diagonal or the blocks are the exact Jacobian
+    (`"diagonal"`, `"block"`) or approximations of a `"dense"` one (`_structure.py`).
     """
 
     cell: Callable
@@ -77,6 +80,8 @@ class FlatCell(eqx.Module):
     spec: StateSpec
     value_and_diag: Callable | None = None
     value_and_jac: Callable | None = None
+    blocks: Callable | None = None
+    structure: str = eqx.field(static=True, default="dense")
 
     def __call__(self, x_t: PyTree, s: Float[Array, " D"]) -> Float[Array, " D"]:
         return self.spec.ravel(self.cell(x_t, self.spec.unravel(s)))
@@ -155,6 +160,38 @@ class Problem(eqx.Module):
         fs = jax.vmap(self.fn)(self.inputs, prev)
         return fs, self.diagonal_at(prev)
 
+    def linearise_exact(self, states: Float[Array, "T D"]) -> tuple[Float[Array, "T D"], Array]:
+        """`f` and the exact Jacobian in the cell's declared structure: `(T, D)` for a
+        diagonal cell, `(T, n, k, k)` for a block-diagonal one, else `(T, D, D)`."""
+        if self.fn.structure == "diagonal":
+            return self.linearise_diagonal(states)
+        if self.fn.structure == "block":
+            return self.linearise_blocks(states, None)
+        return self.linearise_dense(states)
+
+    def linearise_blocks(
+        self, states: Float[Array, "T D"], k: int | None
+    ) -> tuple[Float[Array, "T D"], Float[Array, "T n k k"]]:
+        """`f` and the `k×k` diagonal blocks of `∂f/∂s` (layout of `_structure.py`).
+
+        From the cell's closed-form blocks when their size is `k` (`None`: whatever it
+        is), else from its closed-form dense Jacobian, else by `D` JVP passes.
+        """
+        from ._structure import dense_to_blocks
+
+        spec, prev = self.fn.spec, self.shift(states)
+        if self.fn.blocks is not None:
+            value, blocks = jax.vmap(self.fn.blocks)(self.inputs, jax.vmap(spec.unravel)(prev))
+            if k is None or blocks.shape[-1] == k:
+                return jax.vmap(spec.ravel)(value), blocks.astype(spec.dtype)
+        if k is None:
+            raise ValueError("this cell has no closed-form Jacobian blocks")
+        if self.fn.value_and_jac is not None:
+            fs, jac = self.linearise_dense(states)
+            return fs, dense_to_blocks(jac, k)
+        fs = jax.vmap(self.fn)(self.inputs, prev)
+        return fs, autodiff_blocks(self.fn, self.inputs, prev, k)
+
     def diagonal_at(self, prev: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """Diagonal of `∂f/∂s` at the given predecessors `prev = (s_0..s_{T-1})`."""
         if self.fn.diag is not None:
@@ -178,4 +215,29 @@ def autodiff_diagonal(
         tangent = jax.vmap(lambda x, s: jax.jvp(lambda s_: fn(x, s_), (s,), (e,))[1])(inputs, prev)
         return tangent[:, i]
 
-    return jax.lax.map(column, jnp.arange(D)).T
+    return jax.lax.map(column, jnp.arange(D), batch_size=_columns_per_pass(D)).T
+
+
+def _columns_per_pass(D: int) -> int | None:
+    # Pushing a few basis tangents per pass (vectorised) rather than one: measured
+    # on a 2-core CPU at T = 1e4, 2-4x faster on GRU/LSTM for D = 16..32 and ~1.5x
+    # at D = 64, for `O(T·D·4)` memory; at D = 256 it was slower.
+    return 4 if 4 <= D <= 128 else None
+
+
+def autodiff_blocks(
+    fn: Callable, inputs: PyTree, prev: Float[Array, "T D"], k: int
+) -> Float[Array, "T n k k"]:
+    """The `k×k` diagonal blocks of `∂f/∂s` by one JVP per state dimension (`O(T·D·k)`)."""
+    T, D = prev.shape
+    n = D // k
+
+    def column(i):
+        e = jnp.zeros((D,), prev.dtype).at[i].set(1)
+        tangent = jax.vmap(lambda x, s: jax.jvp(lambda s_: fn(x, s_), (s,), (e,))[1])(inputs, prev)
+        # Column i = b·n + j of the Jacobian touches block j in its rows a·n + j.
+        return tangent.reshape(T, k, n)[:, :, i % n]  # (T, k): rows a of column b
+
+    cols = jax.lax.map(column, jnp.arange(D), batch_size=_columns_per_pass(D))  # (D, T, k)
+    cols = cols.reshape(k, n, T, k)  # [b, j, t, a]
+    return jnp.transpose(cols, (2, 1, 3, 0))  # [t, j, a, b]

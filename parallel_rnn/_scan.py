@@ -2,7 +2,9 @@
 
 Forward in time (`x_0 = 0`, so `x_1 = b_1`) or, with `reverse=True`, backward
 (`x_{T+1} = 0`, `x_t = A_t x_{t+1} + b_t`), which is what the adjoint needs.
-`A_t` is dense `(T, D, D)` or diagonal `(T, D)`.
+`A_t` is dense `(T, D, D)`, diagonal `(T, D)`, or block-diagonal `(T, n, k, k)`
+(`D = k·n`, block `j` acting on the entries `j, n+j, …, (k-1)n+j`);
+`linear_recurrence` dispatches on the number of axes.
 
 Two evaluation orders give the same answer:
 
@@ -96,18 +98,22 @@ def dense_recurrence(
 
 
 def transposed_recurrence(
-    A: Float[Array, "T D D"],
+    A: Float[Array, "T ..."],
     b: Float[Array, "T D"],
     *,
     method: Method = "auto",
 ) -> Float[Array, "T D"]:
     """Solve `x_t = b_t + A_{t+1}ᵀ x_{t+1}` backwards (`x_T = b_T`; `A[0]` unused).
 
+    `A` dense `(T, D, D)`, or diagonal / block-diagonal as for `linear_recurrence`.
+
     The adjoint of `dense_recurrence` (`λ_t = s̄_t + A_{t+1}ᵀ λ_{t+1}`), taking the
     forward Jacobians as they are, unshifted and untransposed: no copy of the
     `(T, D, D)` array is made. Through `μ_t = A_tᵀ x_t` it is the reverse
     recurrence `μ_t = A_tᵀ μ_{t+1} + A_tᵀ b_t`, and `x_t = b_t + μ_{t+1}`.
     """
+    if A.ndim != 3:
+        return _transposed_structured(A, b, method)
     D = b.shape[-1]
     if resolve_method(method) == "sequential":
         matvec = _step_matvec(D)
@@ -145,6 +151,73 @@ def diagonal_recurrence(
 
     _, xs = lax.associative_scan(_diagonal_combine, (a, b), reverse=reverse)
     return xs
+
+
+def _to_blocks(b: Float[Array, "T D"], n: int) -> Float[Array, "T n k"]:
+    return jnp.swapaxes(b.reshape(b.shape[0], -1, n), 1, 2)
+
+
+def _from_blocks(x: Float[Array, "T n k"]) -> Float[Array, "T D"]:
+    return jnp.swapaxes(x, 1, 2).reshape(x.shape[0], -1)
+
+
+def _block_combine(earlier, later):
+    A_i, b_i = earlier
+    A_j, b_j = later
+    return jnp.matmul(A_j, A_i, precision=_HIGHEST), _small_matvec(A_j, b_i) + b_j
+
+
+def block_recurrence(
+    A: Float[Array, "T n k k"],
+    b: Float[Array, "T D"],
+    *,
+    reverse: bool = False,
+    method: Method = "auto",
+) -> Float[Array, "T D"]:
+    """`x_t = A_t x_{t-1} + b_t` (`x_0 = 0`) with block-diagonal `A_t`, `O(T·D·k)` memory.
+
+    `A[:, j]` is the `k×k` block acting on the entries `j, n+j, …, (k-1)n+j` of
+    `x_t` (`n = A.shape[1]`): for a state of `k` leaves of size `n`, unit `j` of
+    every leaf. The associative form combines the blocks, `O(T·n·k³)` work.
+    """
+    n = A.shape[1]
+    bb = _to_blocks(b, n)
+    if resolve_method(method) == "sequential":
+        # k is small: a multiply and a sum fuse into one loop (see `_small_matvec`).
+        def step(x, ab):
+            A_t, b_t = ab
+            x = _small_matvec(A_t, x) + b_t
+            return x, x
+
+        _, xs = lax.scan(step, jnp.zeros_like(bb[0]), (A, bb), reverse=reverse)
+        return _from_blocks(xs)
+
+    _, xs = lax.associative_scan(_block_combine, (A, bb), reverse=reverse)
+    return _from_blocks(xs)
+
+
+def linear_recurrence(
+    A: Float[Array, "T ..."],
+    b: Float[Array, "T D"],
+    *,
+    reverse: bool = False,
+    method: Method = "auto",
+) -> Float[Array, "T D"]:
+    """`x_t = A_t x_{t-1} + b_t` for `A` diagonal `(T, D)`, dense `(T, D, D)` or
+    block-diagonal `(T, n, k, k)`."""
+    solve = {2: diagonal_recurrence, 3: dense_recurrence, 4: block_recurrence}.get(A.ndim)
+    if solve is None:
+        raise ValueError(f"`A` must have 2, 3 or 4 axes; got shape {A.shape}")
+    return solve(A, b, reverse=reverse, method=method)
+
+
+def _transposed_structured(A, b, method):
+    # x_t = b_t + A_{t+1}ᵀ x_{t+1} is the reverse recurrence with A'_t = A_{t+1}ᵀ
+    # (A'_T unused); for diagonal and block A the shifted copy is O(T·D·k).
+    A_next = jnp.concatenate([A[1:], jnp.zeros_like(A[:1])], axis=0)
+    if A.ndim == 4:
+        A_next = jnp.swapaxes(A_next, -1, -2)
+    return linear_recurrence(A_next, b, reverse=True, method=method)
 
 
 def prefix_sum(b: Float[Array, "T D"], *, reverse: bool = False) -> Float[Array, "T D"]:

@@ -9,16 +9,16 @@ from jaxtyping import PyTree
 
 from ._adjoint import adjoint, parameter_cotangents
 from ._iterate import Outcome, iterate
-from ._problem import FlatCell, Problem, StateSpec
+from ._problem import Problem
 from ._solution import Solution
 from ._solver.base import AbstractSolver
 from ._solver.deer import QuasiDEER
+from ._structure import flat_cell
 from ._tolerance import default_tolerances
 from ._validate import (
     check_cell,
     check_guess,
     check_inputs,
-    check_jacobian,
     check_options,
     check_state,
 )
@@ -64,27 +64,6 @@ def _solve_bwd(
         lam = eqx.error_if(lam, ~adj.converged, _ADJOINT_NOT_CONVERGED)
     fn_bar, inputs_bar, init_bar = parameter_cotangents(problem, states, lam)
     return Problem(fn_bar, inputs_bar, init_bar)
-
-
-def _flat_cell(cell: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> FlatCell:
-    # Closure conversion turns whatever the cell closes over (parameters, tracers
-    # of an outer jax.grad) into pytree leaves, so the custom VJP can return
-    # their cotangents; plain closures would otherwise fail under differentiation.
-    fn = eqx.filter_closure_convert(cell, x_t, init_state)
-    diag = getattr(cell, "diagonal_jacobian", None)
-    if diag is not None:
-        check_cell(diag, x_t, init_state, method="cell.diagonal_jacobian")
-        diag = eqx.filter_closure_convert(diag, x_t, init_state)
-    both = getattr(cell, "value_and_diagonal_jacobian", None)
-    if both is not None and diag is not None:
-        both = eqx.filter_closure_convert(both, x_t, init_state)
-    else:
-        both = None
-    dense = getattr(cell, "value_and_jacobian", None)
-    if dense is not None:
-        check_jacobian(dense, x_t, init_state, spec)
-        dense = eqx.filter_closure_convert(dense, x_t, init_state)
-    return FlatCell(fn, diag, spec, both, dense)
 
 
 @eqx.filter_jit
@@ -155,7 +134,7 @@ def solve_parallel(
         guess_flat = spec.ravel_trajectory(guess)
     guess_flat = jax.lax.stop_gradient(guess_flat)
 
-    problem = Problem(_flat_cell(cell, x_0, init_state, spec), inputs, s0)
+    problem = Problem(flat_cell(cell, x_0, init_state, spec), inputs, s0)
     out = _solve(problem, guess_flat, solver, rtol, atol, max_steps, trace, throw)
     states = out.states
     if throw:

@@ -1,7 +1,7 @@
 """DEER (Newton) and quasi-DEER (diagonal quasi-Newton)."""
 
 from .._problem import Problem
-from .._scan import Method, dense_recurrence, diagonal_recurrence
+from .._scan import Method, diagonal_recurrence, linear_recurrence
 from .base import AbstractLinearisedSolver
 
 
@@ -11,7 +11,9 @@ class DEER(AbstractLinearisedSolver):
     Locally quadratic, so it needs few iterations on well-behaved cells, but each
     costs a dense `D×D` scan: `O(T D³)` work and `O(T D²)` memory. Undamped, so
     on unstable or chaotic cells it can wander (the safeguards keep it finite and
-    within `T` iterations); use `ELK` there.
+    within `T` iterations); use `ELK` there. On a cell whose Jacobian is declared
+    diagonal or block-diagonal (`cells.ParaGRU`, `cells.ParaLSTM`, see
+    `register_jacobian`) it uses that exact structure: Newton at `O(T D)` memory.
 
     **Arguments:**
 
@@ -27,10 +29,10 @@ class DEER(AbstractLinearisedSolver):
     jacobian = "dense"
 
     def linearise(self, problem: Problem, states):
-        return problem.linearise_dense(states)
+        return problem.linearise_exact(states)  # dense, or the cell's exact structure
 
     def correction(self, jac, rhs):
-        return dense_recurrence(jac, rhs, method=self.scan)
+        return linear_recurrence(jac, rhs, method=self.scan)
 
 
 class QuasiDEER(AbstractLinearisedSolver):

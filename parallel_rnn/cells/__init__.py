@@ -8,4 +8,5 @@ from one evaluation).
 
 from ._implicit_ssm import ImplicitSSM as ImplicitSSM
 from ._lorenz96 import Lorenz96 as Lorenz96
+from ._pararnn import ParaGRU as ParaGRU, ParaLSTM as ParaLSTM
 from ._rnn import GRU as GRU, LSTM as LSTM, Elman as Elman

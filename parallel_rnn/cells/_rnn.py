@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._misc import default_dtype
+from .._structure import register_jacobian
 
 
 def _block_diagonals(weight: Array, blocks: int) -> list[Array]:
@@ -89,30 +90,11 @@ class GRU(_EquinoxCellWrapper):
     def __call__(self, input_t: Float[Array, " M"], h: Float[Array, " D"]) -> Float[Array, " D"]:
         return self.cell(input_t, h)
 
-    def _step_and_coefficients(self, input_t, h):
-        """`h'` and the vectors of `∂h'/∂h = diag(α) W_hz + diag(β) W_hr + diag(γ) W_hn
-        + diag(z)`: `α = (h-n) z(1-z)`, `β = (1-z)(1-n²)(W_hn h + b_hn) r(1-r)`,
-        `γ = (1-z)(1-n²) r`, from one evaluation of the gates."""
-        cell = self.cell
-        bias = cell.bias if cell.use_bias else 0
-        bias_n = cell.bias_n if cell.use_bias else 0
-        i_r, i_z, i_n = jnp.split(cell.weight_ih @ input_t + bias, 3)  # pyright: ignore[reportOperatorIssue]
-        h_r, h_z, h_n = jnp.split(cell.weight_hh @ h, 3)
-        r = jax.nn.sigmoid(i_r + h_r)
-        z = jax.nn.sigmoid(i_z + h_z)
-        c_n = h_n + bias_n  # pyright: ignore[reportOperatorIssue]
-        n = jnp.tanh(i_n + r * c_n)
-        new = n + z * (h - n)
-        dn = (1 - z) * (1 - n**2)
-        return new, (h - n) * z * (1 - z), dn * c_n * r * (1 - r), dn * r, z
-
     def value_and_diagonal_jacobian(
         self, input_t: Float[Array, " M"], h: Float[Array, " D"]
     ) -> tuple[Float[Array, " D"], Float[Array, " D"]]:
         """`(h', diag ∂h'/∂h)` from one evaluation of the gates."""
-        new, alpha, beta, gamma, z = self._step_and_coefficients(input_t, h)
-        w_r, w_z, w_n = _block_diagonals(self.cell.weight_hh, 3)
-        return new, alpha * w_z + beta * w_r + gamma * w_n + z
+        return gru_value_and_diagonal(self.cell, input_t, h)
 
     def value_and_jacobian(
         self, input_t: Float[Array, " M"], h: Float[Array, " D"]
@@ -120,12 +102,7 @@ class GRU(_EquinoxCellWrapper):
         """`(h', ∂h'/∂h)`, the Jacobian as
         `diag(α) W_hz + diag(β) W_hr + diag(γ) W_hn + diag(z)` with
         `α = (h-n) z(1-z)`, `β = (1-z)(1-n²)(W_hn h + b_hn) r(1-r)`, `γ = (1-z)(1-n²) r`."""
-        new, alpha, beta, gamma, z = self._step_and_coefficients(input_t, h)
-        w_r, w_z, w_n = jnp.split(self.cell.weight_hh, 3)
-        # One elementwise pass writes each D×D matrix (`_diag`, not `jnp.diag`,
-        # whose broadcast-and-select is not fused as well under vmap).
-        jac = alpha[:, None] * w_z + beta[:, None] * w_r + gamma[:, None] * w_n + _diag(z)
-        return new, jac
+        return gru_value_and_jacobian(self.cell, input_t, h)
 
     def diagonal_jacobian(
         self, input_t: Float[Array, " M"], h: Float[Array, " D"]
@@ -134,6 +111,40 @@ class GRU(_EquinoxCellWrapper):
         `z' = z(1-z) diag(W_hz)`, `r' = r(1-r) diag(W_hr)`,
         `n' = (1-n²)(r' (W_hn h + b_hn) + r diag(W_hn))`."""
         return self.value_and_diagonal_jacobian(input_t, h)[1]
+
+
+def _gru_coefficients(cell: eqx.nn.GRUCell, input_t, h):
+    """`h'` and the vectors of `∂h'/∂h = diag(α) W_hz + diag(β) W_hr + diag(γ) W_hn
+    + diag(z)`: `α = (h-n) z(1-z)`, `β = (1-z)(1-n²)(W_hn h + b_hn) r(1-r)`,
+    `γ = (1-z)(1-n²) r`, from one evaluation of the gates."""
+    bias = cell.bias if cell.use_bias else 0
+    bias_n = cell.bias_n if cell.use_bias else 0
+    i_r, i_z, i_n = jnp.split(cell.weight_ih @ input_t + bias, 3)
+    h_r, h_z, h_n = jnp.split(cell.weight_hh @ h, 3)
+    r = jax.nn.sigmoid(i_r + h_r)
+    z = jax.nn.sigmoid(i_z + h_z)
+    c_n = h_n + bias_n
+    n = jnp.tanh(i_n + r * c_n)
+    new = n + z * (h - n)
+    dn = (1 - z) * (1 - n**2)
+    return new, (h - n) * z * (1 - z), dn * c_n * r * (1 - r), dn * r, z
+
+
+def gru_value_and_diagonal(cell: eqx.nn.GRUCell, input_t, h):
+    """`(h', diag ∂h'/∂h)` of an `eqx.nn.GRUCell`, from one evaluation of the gates."""
+    new, alpha, beta, gamma, z = _gru_coefficients(cell, input_t, h)
+    w_r, w_z, w_n = _block_diagonals(cell.weight_hh, 3)
+    return new, alpha * w_z + beta * w_r + gamma * w_n + z
+
+
+def gru_value_and_jacobian(cell: eqx.nn.GRUCell, input_t, h):
+    """`(h', ∂h'/∂h)` of an `eqx.nn.GRUCell`, the Jacobian written from the gates."""
+    new, alpha, beta, gamma, z = _gru_coefficients(cell, input_t, h)
+    w_r, w_z, w_n = jnp.split(cell.weight_hh, 3)
+    # One elementwise pass writes each D×D matrix (`_diag`, not `jnp.diag`,
+    # whose broadcast-and-select is not fused as well under vmap).
+    jac = alpha[:, None] * w_z + beta[:, None] * w_r + gamma[:, None] * w_n + _diag(z)
+    return new, jac
 
 
 class LSTM(_EquinoxCellWrapper):
@@ -160,58 +171,106 @@ class LSTM(_EquinoxCellWrapper):
     ) -> tuple[Array, Array]:
         return self.cell(input_t, state)
 
-    def _step_and_coefficients(self, input_t, state):
-        """`(h', c')` and the vectors of the Jacobian blocks, from one evaluation of
-        the gates: `∂c'/∂h = diag(a_f) W_f + diag(a_i) W_i + diag(a_g) W_g`,
-        `∂h'/∂h = diag(a_o) W_o + diag(κ) ∂c'/∂h`, `∂h'/∂c = diag(κ f)`,
-        `∂c'/∂c = diag(f)`, with `κ = o (1 - tanh² c')`."""
-        h, c = state
-        cell = self.cell
-        lin = cell.weight_ih @ input_t + cell.weight_hh @ h
-        if cell.use_bias:
-            lin = lin + cell.bias
-        i, f, g, o = jnp.split(lin, 4)
-        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
-        c_new = f * c + i * g
-        tanh_c = jnp.tanh(c_new)
-        coefficients = dict(
-            i=g * i * (1 - i),
-            f=c * f * (1 - f),
-            g=i * (1 - g**2),
-            o=tanh_c * o * (1 - o),
-            kappa=o * (1 - tanh_c**2),
-            forget=f,
-        )
-        return (o * tanh_c, c_new), coefficients
-
     def value_and_diagonal_jacobian(
         self, input_t: Float[Array, " M"], state: tuple[Array, Array]
     ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
         """`((h', c'), (diag ∂h'/∂h, diag ∂c'/∂c))` from one evaluation of the gates."""
-        new, a = self._step_and_coefficients(input_t, state)
-        w_i, w_f, w_g, w_o = _block_diagonals(self.cell.weight_hh, 4)
-        dc_dh = a["f"] * w_f + a["i"] * w_i + a["g"] * w_g
-        return new, (a["o"] * w_o + a["kappa"] * dc_dh, a["forget"])
+        return lstm_value_and_diagonal(self.cell, input_t, state)
+
+    def value_and_block_jacobian(
+        self, input_t: Float[Array, " M"], state: tuple[Array, Array]
+    ) -> tuple[tuple[Array, Array], Float[Array, "D 2 2"]]:
+        """`((h', c'), B)` with `B[j]` the `2×2` Jacobian of `(h'_j, c'_j)` with respect
+        to `(h_j, c_j)`: the diagonal blocks used by `BlockQuasiDEER`."""
+        return lstm_value_and_blocks(self.cell, input_t, state)
 
     def value_and_jacobian(
         self, input_t: Float[Array, " M"], state: tuple[Array, Array]
     ) -> tuple[tuple[Array, Array], Float[Array, "2D 2D"]]:
         """`((h', c'), J)` with `J` the `2D × 2D` Jacobian in the state order `(h, c)`:
         `[[∂h'/∂h, ∂h'/∂c], [∂c'/∂h, diag(f)]]`."""
-        new, a = self._step_and_coefficients(input_t, state)
-        w_i, w_f, w_g, w_o = jnp.split(self.cell.weight_hh, 4)
-        col = lambda v: v[:, None]  # noqa: E731
-        dc_dh = col(a["f"]) * w_f + col(a["i"]) * w_i + col(a["g"]) * w_g
-        dh_dh = col(a["o"]) * w_o + col(a["kappa"]) * dc_dh
-        top = jnp.concatenate([dh_dh, _diag(a["kappa"] * a["forget"])], axis=1)
-        bottom = jnp.concatenate([dc_dh, _diag(a["forget"])], axis=1)
-        return new, jnp.concatenate([top, bottom], axis=0)
+        return lstm_value_and_jacobian(self.cell, input_t, state)
 
     def diagonal_jacobian(
         self, input_t: Float[Array, " M"], state: tuple[Array, Array]
     ) -> tuple[Array, Array]:
         """`(diag ∂h'/∂h, diag ∂c'/∂c = f)`, from the gates (formulas: docs/cells.md)."""
         return self.value_and_diagonal_jacobian(input_t, state)[1]
+
+
+def _lstm_coefficients(cell: eqx.nn.LSTMCell, input_t, state):
+    """`(h', c')` and the vectors of the Jacobian blocks, from one evaluation of
+    the gates: `∂c'/∂h = diag(a_f) W_f + diag(a_i) W_i + diag(a_g) W_g`,
+    `∂h'/∂h = diag(a_o) W_o + diag(κ) ∂c'/∂h`, `∂h'/∂c = diag(κ f)`,
+    `∂c'/∂c = diag(f)`, with `κ = o (1 - tanh² c')`."""
+    h, c = state
+    lin = cell.weight_ih @ input_t + cell.weight_hh @ h
+    if cell.use_bias:
+        lin = lin + cell.bias
+    i, f, g, o = jnp.split(lin, 4)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c_new = f * c + i * g
+    tanh_c = jnp.tanh(c_new)
+    coefficients = dict(
+        i=g * i * (1 - i),
+        f=c * f * (1 - f),
+        g=i * (1 - g**2),
+        o=tanh_c * o * (1 - o),
+        kappa=o * (1 - tanh_c**2),
+        forget=f,
+    )
+    return (o * tanh_c, c_new), coefficients
+
+
+def _lstm_diagonals(cell, a):
+    """`(diag ∂h'/∂h, diag ∂c'/∂h)` from the coefficients."""
+    w_i, w_f, w_g, w_o = _block_diagonals(cell.weight_hh, 4)
+    dc_dh = a["f"] * w_f + a["i"] * w_i + a["g"] * w_g
+    return a["o"] * w_o + a["kappa"] * dc_dh, dc_dh
+
+
+def lstm_value_and_diagonal(cell: eqx.nn.LSTMCell, input_t, state):
+    """`((h', c'), (diag ∂h'/∂h, diag ∂c'/∂c))` of an `eqx.nn.LSTMCell`."""
+    new, a = _lstm_coefficients(cell, input_t, state)
+    return new, (_lstm_diagonals(cell, a)[0], a["forget"])
+
+
+def lstm_value_and_blocks(cell: eqx.nn.LSTMCell, input_t, state):
+    """`((h', c'), (D, 2, 2) blocks)` of an `eqx.nn.LSTMCell`: per unit `j` the
+    Jacobian of `(h'_j, c'_j)` with respect to `(h_j, c_j)`."""
+    new, a = _lstm_coefficients(cell, input_t, state)
+    dh_dh, dc_dh = _lstm_diagonals(cell, a)
+    top = jnp.stack([dh_dh, a["kappa"] * a["forget"]], axis=-1)
+    bottom = jnp.stack([dc_dh, a["forget"]], axis=-1)
+    return new, jnp.stack([top, bottom], axis=-2)
+
+
+def lstm_value_and_jacobian(cell: eqx.nn.LSTMCell, input_t, state):
+    """`((h', c'), J)` of an `eqx.nn.LSTMCell`, `J` the `2D × 2D` Jacobian in the
+    order `(h, c)`, written from the gates."""
+    new, a = _lstm_coefficients(cell, input_t, state)
+    w_i, w_f, w_g, w_o = jnp.split(cell.weight_hh, 4)
+    col = lambda v: v[:, None]  # noqa: E731
+    dc_dh = col(a["f"]) * w_f + col(a["i"]) * w_i + col(a["g"]) * w_g
+    dh_dh = col(a["o"]) * w_o + col(a["kappa"]) * dc_dh
+    top = jnp.concatenate([dh_dh, _diag(a["kappa"] * a["forget"])], axis=1)
+    bottom = jnp.concatenate([dc_dh, _diag(a["forget"])], axis=1)
+    return new, jnp.concatenate([top, bottom], axis=0)
+
+
+# Equinox's own cells get the closed forms without wrapping: `solve_parallel`
+# looks the cell's class up in this registry first.
+register_jacobian(
+    eqx.nn.GRUCell,
+    value_and_diagonal=gru_value_and_diagonal,
+    value_and_jacobian=gru_value_and_jacobian,
+)
+register_jacobian(
+    eqx.nn.LSTMCell,
+    value_and_diagonal=lstm_value_and_diagonal,
+    value_and_blocks=lstm_value_and_blocks,
+    value_and_jacobian=lstm_value_and_jacobian,
+)
 
 
 class Elman(eqx.Module):
