@@ -6,7 +6,7 @@ from . import cells as cells
 from ._lyapunov import lyapunov_exponent as lyapunov_exponent
 from ._scan import dense_recurrence as dense_recurrence, diagonal_recurrence as diagonal_recurrence
 from ._sequential import solve_sequential as solve_sequential
-from ._solution import Solution as Solution
+from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solve import solve_parallel as solve_parallel
 from ._solver import (
     DEER as DEER,
