@@ -61,3 +61,10 @@ def test_other_study_smoke(name, tmp_path):
 def test_bench_diagonal_smoke_writes_tables(tmp_path):
     # A printed benchmark: CSV tables, no plot.
     _run("bench_diagonal", tmp_path, plots=False)
+
+
+def test_stress_smoke_solves_both_cases(tmp_path):
+    rows, _ = _run("stress", tmp_path)
+    assert {r["case"] for r in rows} == {"long", "batch"}
+    for r in rows:
+        assert r["status"] == "ok" and r["max_abs_err"] < 1e-4 and r["compiled_MiB"] > 0
