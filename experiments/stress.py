@@ -77,6 +77,9 @@ def main(argv=None) -> list[dict]:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--D", type=int, default=None, help="state size (default 64)")
+    p.add_argument("--long-T", type=int, default=None, help="length of the long sequence")
+    p.add_argument("--batch", type=int, default=None, help="sequences in the vmap batch")
+    p.add_argument("--batch-T", type=int, default=None, help="length of each batched sequence")
     args = p.parse_args(argv)
     if args.smoke:
         D, long_T, B, batch_T = 8, 2_000, 4, 200
@@ -84,7 +87,8 @@ def main(argv=None) -> list[dict]:
         D, long_T, B, batch_T = 64, 100_000, 32, 10_000
     else:
         D, long_T, B, batch_T = 64, 1_000_000, 256, 10_000
-    D = args.D or D
+    D, long_T = args.D or D, args.long_T or long_T
+    B, batch_T = args.batch or B, args.batch_T or batch_T
     reps = args.reps or (1 if not args.smoke else 2)
     rows = [
         measure("long", 0, long_T, D, reps),
