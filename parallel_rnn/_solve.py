@@ -88,8 +88,8 @@ def _check_derivative(out: Outcome, throw: bool):
 
 def _flat_cell(cell: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> FlatCell:
     # Closure conversion turns whatever the cell closes over (parameters, tracers
-    # of an outer jax.grad) into pytree leaves, so the custom VJP can return
-    # their cotangents; plain closures would otherwise fail under differentiation.
+    # of an outer jax.grad) into pytree leaves, so the custom JVP sees them as
+    # inputs with tangents; plain closures would otherwise fail under differentiation.
     fn = eqx.filter_closure_convert(cell, x_t, init_state)
     diag = getattr(cell, "diagonal_jacobian", None)
     if diag is not None:
