@@ -26,7 +26,7 @@ from .helpers import scan_reference
 
 
 PROFILE = settings(
-    max_examples=8,
+    max_examples=6,
     derandomize=True,
     deadline=None,
     database=None,
@@ -148,7 +148,7 @@ def _gradients(params, build, xs, h0, solver):
     return sol.converged, g_par, g_seq
 
 
-@settings(PROFILE, max_examples=5)
+@settings(PROFILE, max_examples=4)
 @given(problems.filter(lambda p: p["T"] < 300 and p["scale"] < 1.5))
 def test_gradients_match_backpropagation_through_scan_when_converged(p):
     params, build, h0 = _make(p["kind"], p["D"], jnp.float64, p["scale"], p["seed"])

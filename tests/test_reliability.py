@@ -96,7 +96,7 @@ def test_not_certified_has_its_own_message():
 
 def test_implicit_ssm_inner_failure_makes_the_solve_fail():
     ssm = prnn.cells.ImplicitSSM(M, D, 5, max_steps=1, key=jax.random.key(2))
-    sol = prnn.solve_parallel(ssm, XS, H0, prnn.DEER(), throw=False)
+    sol = prnn.solve_parallel(ssm, XS, H0, prnn.QuasiDEER(), throw=False)
     assert not bool(sol.converged)
     assert sol.result == prnn.RESULTS.nonfinite
     assert bool(jnp.all(jnp.isfinite(sol.states)))
@@ -257,10 +257,10 @@ def test_dense_solver_jvp_under_jit_and_vmap_with_pytree_state():
 
 def test_quasi_gradient_memory_is_linear_in_the_state_size():
     # Compiled (not run): temporaries of jax.grad through QuasiDEER grow like T*D,
-    # from D = 8 to D = 32 (4x; measured 4.0x). DEER's dense T*D*D Jacobians give
-    # 9.4x, so a (T, D, D) array anywhere in the quasi gradient would fail this.
+    # from D = 8 to D = 32 (measured 4.0x for cells.GRU); DEER, which holds the
+    # T*D*D Jacobians, measured 6.9x, so such an array in the quasi gradient fails this.
     def temp_bytes(solver, d):
-        cell = eqx.nn.GRUCell(2, d, key=jax.random.key(0))
+        cell = prnn.cells.GRU(2, d, key=jax.random.key(0))
         xs = jnp.zeros((256, 2))
 
         def loss(cell):
@@ -269,4 +269,4 @@ def test_quasi_gradient_memory_is_linear_in_the_state_size():
         compiled = jax.jit(lambda c: eqx.filter_grad(loss)(c)).lower(cell).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    assert temp_bytes(prnn.QuasiDEER(), 32) < 6 * temp_bytes(prnn.QuasiDEER(), 8)
+    assert temp_bytes(prnn.QuasiDEER(), 32) < 5 * temp_bytes(prnn.QuasiDEER(), 8)
