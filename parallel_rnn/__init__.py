@@ -11,7 +11,7 @@ from ._scan import (
     linear_recurrence as linear_recurrence,
 )
 from ._sequential import solve_sequential as solve_sequential
-from ._solution import Solution as Solution
+from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solve import solve_parallel as solve_parallel
 from ._solver import (
     DEER as DEER,

@@ -1,8 +1,15 @@
-"""Exact reverse-mode derivative of the solve, by the implicit function theorem.
+"""Exact derivatives of the solve, by the implicit function theorem.
 
-At the solution `s*`, `r(s*, θ) = 0`, so for a cotangent `s̄` of the states the
-gradients are `θ̄ = Σ_t (∂f_t/∂θ)ᵀ λ_t` (likewise for the inputs and `s_0`),
-where `λ` solves the adjoint recurrence, backwards in time:
+At the solution `s*`, `r(s*, θ) = 0`. A tangent `θ̇` of everything the cell
+depends on gives the tangent `δ = ṡ*` of the trajectory as the solution of the
+linearised recurrence, forwards in time (`tangent`):
+
+    δ_t = A_t δ_{t-1} + b_t,    b_t = ∂f/∂θ(x_t, s*_{t-1}) θ̇,    δ_0 = 0
+
+(`ṡ_0` enters through `b_1 ∋ A_1 ṡ_0`). Its transpose is the adjoint recurrence
+(`adjoint`): for a cotangent `s̄` of the states the gradients are
+`θ̄ = Σ_t (∂f_t/∂θ)ᵀ λ_t` (likewise for the inputs and `s_0`), where `λ` solves,
+backwards in time:
 
     λ_T = s̄_T,    λ_t = s̄_t + A_{t+1}ᵀ λ_{t+1},    A_{t+1} = ∂f/∂s(x_{t+1}, s*_t).
 
@@ -17,7 +24,10 @@ bound:
   (diagonal reverse scans plus one batched VJP per iteration, `O(T D)` memory).
 
 Either way the answer is the exact adjoint to the tolerance, independent of the
-forward solver and of its iterations.
+forward solver and of its iterations. The tangent recurrence is solved the same
+way, forwards: by `DEER` after dense solvers (Newton on a linear problem: exact
+after one step) and by `QuasiDEER` on the "tangent cell" `δ ↦ b_t + A_t δ`
+otherwise. `_solve.py` ties the two together as one `lax.custom_linear_solve`.
 """
 
 from collections.abc import Callable
@@ -25,14 +35,14 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float
 
 from ._iterate import Outcome, iterate
 from ._misc import shift_left, shift_right
 from ._problem import FlatCell, Problem, make_spec
 from ._scan import Method, transposed_recurrence
 from ._solver.base import AbstractSolver, Iterate, safeguard
-from ._solver.deer import QuasiDEER
+from ._solver.deer import DEER, QuasiDEER
 
 
 class _AdjointCell(eqx.Module):
@@ -129,6 +139,9 @@ def adjoint(
         atol=atol,
         max_steps=T,
         trace=False,
+        # `_DenseAdjoint` evaluates the adjoint recurrence itself (`adj_problem` is
+        # the forward problem); the adjoint cell of the quasi path is certified.
+        certify=solver.jacobian != "dense",
     )
     return eqx.tree_at(lambda o: o.states, out, scale * jnp.flip(out.states, axis=0))
 
@@ -150,14 +163,54 @@ def _adjoint_problem(
     return Problem(flat, adj_inputs, jnp.zeros((D,), states.dtype))
 
 
-def parameter_cotangents(
-    problem: Problem, states: Float[Array, "T D"], costate: Float[Array, "T D"]
-) -> tuple[PyTree, PyTree, Float[Array, " D"]]:
-    """One batched VJP of the cell: cotangents of (flat cell, inputs, `s_0`)."""
+class _TangentCell(eqx.Module):
+    """`(x_t, s*_{t-1}, b_t), δ_{t-1} ↦ b_t + A_t δ_{t-1}`: the linearised recurrence."""
 
-    def batched(fn, inputs, init):
-        prev = shift_right(states, init)
-        return jax.vmap(fn)(inputs, prev)
+    fn: FlatCell
 
-    _, vjp = eqx.filter_vjp(batched, problem.fn, problem.inputs, problem.init)
-    return vjp(costate)
+    def __call__(self, inp, delta):
+        x_t, s_prev, b_t = inp
+        _, jd = jax.jvp(lambda s: self.fn(x_t, s), (s_prev,), (delta,))
+        return b_t + jd
+
+    def diagonal(self, inp, delta):
+        del delta
+        x_t, s_prev, _ = inp
+        return self.fn.diagonal(x_t, s_prev)
+
+
+def tangent(
+    problem: Problem,
+    states: Float[Array, "T D"],
+    rhs: Float[Array, "T D"],
+    solver: AbstractSolver,
+    *,
+    rtol: float,
+    atol: float,
+) -> Outcome:
+    """Solve `δ_t = A_t δ_{t-1} + rhs_t`, `δ_0 = 0` (returned as `Outcome.states`).
+
+    Scaled by `max|rhs|` for the same reason as `adjoint`.
+    """
+    T, D = states.shape
+    scale = jnp.max(jnp.abs(rhs))
+    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1).astype(states.dtype)
+    cell = _TangentCell(problem.fn)
+    has_diag = problem.fn.diag is not None
+    flat = FlatCell(cell, cell.diagonal if has_diag else None, make_spec(states[0]))
+    tan_problem = Problem(
+        flat, (problem.inputs, problem.shift(states), rhs / scale), jnp.zeros((D,), states.dtype)
+    )
+    tan_solver = (
+        DEER(scan=solver.scan) if solver.jacobian == "dense" else QuasiDEER(scan=solver.scan)
+    )
+    out = iterate(
+        tan_problem,
+        tan_solver,
+        jnp.zeros_like(states),
+        rtol=rtol,
+        atol=atol,
+        max_steps=T,
+        trace=False,
+    )
+    return eqx.tree_at(lambda o: o.states, out, scale * out.states)

@@ -6,6 +6,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from ._problem import Problem
+from ._solution import RESULTS
 from ._solver.base import AbstractSolver, Iterate
 
 
@@ -36,6 +37,7 @@ class Outcome(eqx.Module):
     converged: Bool[Array, ""]
     residual: Float[Array, ""]
     trace: Float[Array, " max_steps"] | None
+    result: RESULTS
 
 
 def iterate(
@@ -47,10 +49,16 @@ def iterate(
     atol: float,
     max_steps: int,
     trace: bool,
+    certify: bool = True,
 ) -> Outcome:
     """Run `solver` from `guess` until the residual meets the tolerance.
 
     Stops after `max_steps` iterations, or as soon as no progress is possible.
+    With `certify`, the returned `converged` and `residual` come from one more
+    evaluation of `problem.evaluate` (the plain cell) on the final states: the
+    solver's own `fs` may come from a fused `value_and_*` method of the cell,
+    which may steer the iteration but must not vouch for its answer. (Pass
+    `certify=False` only when the solver's `fs` *is* the problem's function.)
     """
     it, solver_state = solver.init(problem, guess)
     status = assess(it, rtol, atol)
@@ -70,4 +78,17 @@ def iterate(
 
     carry = (it, solver_state, jnp.array(0, jnp.int32), status, history)
     it, _, n, status, history = lax.while_loop(cond, body, carry)
-    return Outcome(it.states, n, status.converged, status.residual, history)
+    if certify:
+        final = assess(Iterate(it.states, problem.evaluate(it.states), None), rtol, atol)
+    else:
+        final = status
+    result = RESULTS.where(
+        final.converged,
+        RESULTS.successful,
+        RESULTS.where(
+            status.converged,
+            RESULTS.not_certified,
+            RESULTS.where(status.stalled, RESULTS.nonfinite, RESULTS.max_steps_reached),
+        ),
+    )
+    return Outcome(it.states, n, final.converged, final.residual, history, result)

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._adjoint import adjoint, parameter_cotangents
+from ._adjoint import adjoint, tangent
 from ._iterate import Outcome, iterate
 from ._problem import Problem
-from ._solution import Solution
+from ._solution import RESULTS, Solution
 from ._solver.base import AbstractSolver
 from ._solver.deer import QuasiDEER
 from ._structure import flat_cell
@@ -21,52 +21,72 @@ from ._validate import (
     check_inputs,
     check_options,
     check_state,
+    normalise_options,
 )
 
 
-_NOT_CONVERGED = (
-    "solve_parallel did not converge: the residual r_t = s_t - f(x_t, s_{t-1}) is still "
-    "above atol + rtol*|s_t| somewhere. Possible causes: NaN or inf in the inputs or "
-    "parameters, a cell whose true trajectory overflows, max_steps < T, or a tolerance "
-    "below the precision of the dtype. Pass throw=False to get the best iterate with "
-    "converged=False (under vmap this error is raised if any sequence fails)."
-)
-_ADJOINT_NOT_CONVERGED = (
-    "the adjoint (backward) solve of solve_parallel did not converge; the gradient is not "
-    "reliable. Check the cotangents and parameters for NaN/inf."
-)
+def _no_gradient(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, tree
+    )
 
 
-@eqx.filter_custom_vjp
-def _solve(problem: Problem, guess, solver, rtol, atol, max_steps, trace, throw) -> Outcome:
-    del throw
-    return iterate(problem, solver, guess, rtol=rtol, atol=atol, max_steps=max_steps, trace=trace)
+@eqx.filter_custom_jvp
+def _implicit(problem: Problem, states, *, solver, rtol, atol, throw):
+    """The identity on `states`, the solution of `problem`; its JVP is the implicit one.
+
+    The iterations run on a copy of `problem` without gradient; this function
+    then attaches the derivative of the exact recurrence to their answer.
+    """
+    del problem, solver, rtol, atol, throw
+    return states
 
 
-@_solve.def_fwd
-def _solve_fwd(perturbed, problem, guess, solver, rtol, atol, max_steps, trace, throw):
-    del perturbed
-    out = _solve.fn(problem, guess, solver, rtol, atol, max_steps, trace, throw)
-    return out, out.states
+@_implicit.def_jvp
+def _implicit_jvp(primals, tangents, *, solver, rtol, atol, throw):
+    problem, states = primals
+    problem_dot, _ = tangents  # `states` is a solution, not an input: its tangent is unused
+    # Calling `_implicit` again, not returning `states`, lets an outer JVP (jacfwd of
+    # jacrev: hessians) differentiate the solution by this same rule.
+    states = _implicit(problem, states, solver=solver, rtol=rtol, atol=atol, throw=throw)
+    if not jax.tree_util.tree_leaves(problem_dot):
+        return states, None
+
+    diff_mask = jax.tree_util.tree_map(
+        lambda t: t is not None, problem_dot, is_leaf=lambda t: t is None
+    )
+    diff, nondiff = eqx.partition(problem, diff_mask)
+
+    # b_t = ∂f/∂θ(x_t, s*_{t-1}) θ̇. Checkpointed: in reverse mode its transpose (the
+    # parameter VJP) recomputes the cell from `states` instead of storing its
+    # intermediates at every time step.
+    @jax.checkpoint
+    def evaluate(d):
+        return eqx.combine(d, nondiff).evaluate(states)
+
+    _, rhs = jax.jvp(evaluate, (diff,), (problem_dot,))
+
+    def matvec(delta):  # (I - L) δ, (L δ)_t = A_t δ_{t-1}
+        return delta - jax.jvp(problem.evaluate, (states,), (delta,))[1]
+
+    def solve(_, b):
+        out = tangent(problem, states, b, solver, rtol=rtol, atol=atol)
+        return _check_derivative(out, throw)
+
+    def transpose_solve(_, c):
+        out = adjoint(problem, states, c, solver, rtol=rtol, atol=atol)
+        return _check_derivative(out, throw)
+
+    delta = jax.lax.custom_linear_solve(matvec, rhs, solve, transpose_solve)
+    return states, delta
 
 
-@_solve.def_bwd
-def _solve_bwd(
-    states, grad_obj, perturbed, problem, guess, solver, rtol, atol, max_steps, trace, throw
-):
-    del perturbed, guess, max_steps, trace
-    cotangent = grad_obj.states
-    if cotangent is None:
-        return jax.tree_util.tree_map(lambda _: None, problem)
-    adj = adjoint(problem, states, cotangent, solver, rtol=rtol, atol=atol)
-    lam = adj.states
+def _check_derivative(out: Outcome, throw: bool):
     if throw:
-        lam = eqx.error_if(lam, ~adj.converged, _ADJOINT_NOT_CONVERGED)
-    fn_bar, inputs_bar, init_bar = parameter_cotangents(problem, states, lam)
-    return Problem(fn_bar, inputs_bar, init_bar)
+        return RESULTS.adjoint_not_converged.error_if(out.states, ~out.converged)
+    return out.states
 
 
-@eqx.filter_jit
 def solve_parallel(
     cell: Callable,
     inputs: PyTree,
@@ -100,30 +120,52 @@ def solve_parallel(
       `ELK()` (for unstable or chaotic cells), `QuasiELK()`, `Picard()`, `Jacobi()`.
     - `guess`: initial trajectory (pytree like `Solution.states`), e.g. the previous
       training step's solution. Defaults to `init_state` repeated. Gets no gradient.
+      Non-finite entries of the guess are replaced by those of `init_state` (or `0`
+      where `init_state` itself is not finite), so the returned states are finite
+      whatever the guess.
     - `rtol`, `atol`: converged when `|r_t| <= atol + rtol |s_t|` elementwise for
-      every `t`. Defaults: `1e-5` for float32, `1e-10` for float64.
-    - `max_steps`: iteration cap, default `T` (every solver converges within `T`).
-    - `throw`: if True, a solve that does not converge raises a runtime error (under
-      `vmap`: if any sequence fails). If False, check `Solution.converged`.
+      every `t`. Defaults: `1e-5` for float32, `1e-10` for float64. Python or NumPy
+      scalars (static: a new value recompiles).
+    - `max_steps`: iteration cap (Python or NumPy integer), default `T` (every
+      solver converges within `T`).
+    - `throw`: if True, a solve that does not converge raises a runtime error whose
+      message depends on `Solution.result` (under `vmap`: if any sequence fails).
+      If False, check `Solution.converged` and `Solution.result`. Inside `jax.jit`
+      the message is part of the `JaxRuntimeError`'s text; use `eqx.filter_jit`
+      for a clean `EquinoxRuntimeError`, or `throw=False` and `Solution.result`.
     - `trace`: if True, record the residual after every iteration in `Solution.trace`.
 
-    **Returns:** a [`parallel_rnn.Solution`][]. The states are always finite.
+    **Returns:** a [`parallel_rnn.Solution`][]. The states are always finite, and
+    `converged`/`residual` are certified by one evaluation of the cell's own
+    `__call__` on them.
 
-    Reverse-mode differentiable (`jax.grad`, `eqx.filter_grad`) with respect to the
-    cell's parameters, `inputs` and `init_state`: the gradient is that of the exact
-    recurrence (implicit function theorem), computed by an adjoint linear recurrence
-    in parallel, not by differentiating the iterations. Forward mode is not supported.
+    Differentiable in reverse mode (`jax.grad`, `jax.vjp`, `eqx.filter_grad`) and in
+    forward mode (`jax.jvp`, `jax.linearize`, `jax.jacfwd`, `jax.hessian`) with
+    respect to the cell's parameters, `inputs` and `init_state`: the derivative is
+    that of the exact recurrence (implicit function theorem), one linear recurrence
+    solved in parallel (forwards for tangents, backwards for cotangents), not a
+    derivative of the iterations.
     """
     if not isinstance(solver, AbstractSolver):
         raise TypeError(f"`solver` must be a parallel_rnn solver (e.g. DEER()); got {solver!r}")
-    check_options(rtol, atol, max_steps)
+    # Before the jit boundary, where NumPy scalars are still concrete.
+    rtol, atol, max_steps = normalise_options(rtol, atol, max_steps)
+    return _solve_parallel(
+        cell, inputs, init_state, solver, guess, rtol, atol, max_steps, bool(throw), bool(trace)
+    )
+
+
+@eqx.filter_jit
+def _solve_parallel(
+    cell, inputs, init_state, solver, guess, rtol, atol, max_steps, throw, trace
+) -> Solution:
     T = check_inputs(inputs)
     spec = check_state(init_state)
     x_0 = jax.tree_util.tree_map(lambda x: x[0], inputs)
-    check_cell(cell, x_0, init_state)
+    check_cell(cell, x_0, init_state, inputs=inputs)
     default_rtol, default_atol = default_tolerances(spec.dtype)
-    rtol = default_rtol if rtol is None else float(rtol)
-    atol = default_atol if atol is None else float(atol)
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
     max_steps = T if max_steps is None else max_steps
 
     s0 = spec.ravel(init_state)
@@ -132,13 +174,30 @@ def solve_parallel(
     else:
         check_guess(guess, init_state, T)
         guess_flat = spec.ravel_trajectory(guess)
-    guess_flat = jax.lax.stop_gradient(guess_flat)
+    # The solvers' safeguard keeps every iterate finite given a finite start; a NaN
+    # init_state (the default guess repeats it) or a NaN row of a user's guess would
+    # otherwise come back unchanged wherever the solve stops early.
+    fallback = jnp.where(jnp.isfinite(s0), s0, 0)
+    guess_flat = jax.lax.stop_gradient(jnp.where(jnp.isfinite(guess_flat), guess_flat, fallback))
 
     problem = Problem(flat_cell(cell, x_0, init_state, spec), inputs, s0)
-    out = _solve(problem, guess_flat, solver, rtol, atol, max_steps, trace, throw)
-    states = out.states
+    out = iterate(
+        _no_gradient(problem),
+        solver,
+        guess_flat,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        trace=trace,
+    )
+    states = _implicit(problem, out.states, solver=solver, rtol=rtol, atol=atol, throw=throw)
     if throw:
-        states = eqx.error_if(states, ~out.converged, _NOT_CONVERGED)
+        states = out.result.error_if(states, out.result != RESULTS.successful)
     return Solution(
-        spec.unravel_trajectory(states), out.num_steps, out.converged, out.residual, out.trace
+        spec.unravel_trajectory(states),
+        out.num_steps,
+        out.converged,
+        out.residual,
+        out.trace,
+        out.result,
     )

@@ -5,6 +5,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import PyTree
 
 from ._problem import StateSpec, make_spec
@@ -56,18 +57,62 @@ def check_state(init_state: PyTree) -> StateSpec:
     return make_spec(init_state)
 
 
-def check_cell(cell: Callable, x_t: PyTree, init_state: PyTree, method: str = "cell") -> None:
-    """The cell must map `init_state` to a state of the same structure, shapes and dtypes."""
+def check_cell(
+    cell: Callable,
+    x_t: PyTree,
+    init_state: PyTree,
+    method: str = "cell",
+    inputs: PyTree | None = None,
+) -> None:
+    """The cell must map `init_state` to a state of the same structure, shapes and dtypes.
+
+    With `inputs` (the whole sequence), a failing call is retried on the two usual
+    layout mistakes to say which one it is.
+    """
     if not callable(cell):
         raise TypeError(f"`{method}` must be callable as `cell(input_t, state)`; got {type(cell)}")
     try:
         got = eqx.filter_eval_shape(cell, x_t, init_state)
     except Exception as e:  # surface the user's error with our context
+        hint = "" if inputs is None else _layout_hint(cell, inputs, init_state)
         raise TypeError(
             f"calling `{method}(input_t, state)` failed with input_t = {_describe(x_t)} and "
-            f"state = {_describe(init_state)}: {e}"
+            f"state = {_describe(init_state)}: {e}{hint}"
         ) from e
     _check_like_state(got, init_state, method)
+
+
+def _works(cell: Callable, x_t: PyTree, init_state: PyTree) -> bool:
+    try:
+        eqx.filter_eval_shape(cell, x_t, init_state)
+    except Exception:
+        return False
+    return True
+
+
+def _layout_hint(cell: Callable, inputs: PyTree, init_state: PyTree) -> str:
+    """Why `cell(inputs[0], init_state)` may have failed: a batch, or time last."""
+    leaves = jax.tree_util.tree_leaves(inputs)
+    shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
+    tm = jax.tree_util.tree_map
+    if all(len(s) >= 2 for s in shapes):
+        batch_x = tm(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[2:], jnp.result_type(x)), inputs)
+        if _works(cell, batch_x, init_state):
+            return (
+                f"\nHint: the cell accepts inputs[0, 0], so `inputs` (leaf shapes {shapes}) "
+                "looks like a batch (B, T, ...). `inputs` must be (T, ...) for one "
+                "sequence; use jax.vmap over a batch, e.g. "
+                "jax.vmap(lambda x: solve_parallel(cell, x, init_state))(inputs)."
+            )
+    if all(len(s) >= 2 for s in shapes):
+        last_x = tm(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[:-1], jnp.result_type(x)), inputs)
+        if _works(cell, last_x, init_state):
+            return (
+                f"\nHint: the cell accepts inputs[..., 0], so `inputs` (leaf shapes {shapes}) "
+                "looks time-last (..., T). The time axis must come first: pass "
+                "jnp.moveaxis(inputs, -1, 0)."
+            )
+    return ""
 
 
 def _check_like_state(got: PyTree, init_state: PyTree, method: str) -> None:
@@ -137,9 +182,35 @@ def check_guess(guess: PyTree, init_state: PyTree, T: int) -> None:
             raise TypeError(f"`guess` must have floating-point leaves; got {_describe(guess)}")
 
 
-def check_options(rtol, atol, max_steps) -> None:
+def _number(name: str, value, integer: bool):
+    """A Python or NumPy scalar (or a concrete 0-d array) as a Python number."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"`{name}` must be a static number (Python or NumPy scalar), not a traced "
+            f"array; got {value!r}"
+        )
+    if isinstance(value, bool) or (hasattr(value, "dtype") and value.dtype == bool):
+        raise TypeError(f"`{name}` must be a number, not a bool; got {value!r}")
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
+        value = value.item()
+    kinds = (int,) if integer else (int, float)
+    if not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise TypeError(f"`{name}` must be {kind} (Python or NumPy scalar); got {value!r}")
+    return value
+
+
+def normalise_options(rtol, atol, max_steps) -> tuple[float | None, float | None, int | None]:
+    """Check the options and turn NumPy scalars into Python ones (static under jit)."""
+    out = []
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-            raise ValueError(f"`{name}` must be a non-negative number or None; got {value!r}")
-    if max_steps is not None and not (isinstance(max_steps, int) and max_steps >= 1):
-        raise ValueError(f"`max_steps` must be a positive int or None; got {max_steps!r}")
+        if value is not None:
+            value = float(_number(name, value, integer=False))
+            if not value >= 0:  # also refuses NaN
+                raise ValueError(f"`{name}` must be a non-negative number or None; got {value!r}")
+        out.append(value)
+    if max_steps is not None:
+        max_steps = _number("max_steps", max_steps, integer=True)
+        if max_steps < 1:
+            raise ValueError(f"`max_steps` must be a positive int or None; got {max_steps!r}")
+    return out[0], out[1], max_steps

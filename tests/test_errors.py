@@ -86,7 +86,7 @@ def test_nan_input_gives_not_converged_and_finite_states():
 
 def test_nan_input_raises_with_throw():
     xs = XS.at[T // 2, 0].set(jnp.nan)
-    with pytest.raises(eqx.EquinoxRuntimeError, match="did not converge"):
+    with pytest.raises(eqx.EquinoxRuntimeError, match="did not converge: no progress possible"):
         jax.block_until_ready(prnn.solve_parallel(CELL, xs, H0, prnn.DEER()).states)
 
 

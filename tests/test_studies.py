@@ -76,3 +76,10 @@ def test_study_options_reject_unknown_solver():
         parse(study_parser("x"), ["--solvers", "Newton"])
     args = parse(study_parser("x"), ["--quick", "--T", "1e3", "2000"])
     assert args.mode == "quick" and args.T == [1000, 2000]
+
+
+def test_stress_smoke_solves_both_cases(tmp_path):
+    rows, _ = _run("stress", tmp_path)
+    assert {r["case"] for r in rows} == {"long", "batch"}
+    for r in rows:
+        assert r["status"] == "ok" and r["max_abs_err"] < 1e-4 and r["compiled_MiB"] > 0

@@ -17,7 +17,10 @@ Contraction by construction. Since `Λ ∈ (0, 1)`, `h` is a convex combination 
 at every call (from the current weights, so it survives training) to make that
 bound `contraction < 1`: the inner fixed-point iteration converges linearly for
 every state in `[-1, 1]^D`. Outside that box (e.g. a wild outer iterate) the bound
-can fail; the iteration count is capped and `inner_solve` reports it.
+can fail; the iteration count is capped and `inner_solve` reports it. The cell
+itself then returns NaN: its value is undefined, and a finite stand-in (the last
+inner iterate) would let an outer solver certify a trajectory of a different
+model. `solve_parallel` reports that as `RESULTS.nonfinite` with finite states.
 
 Derivatives (forward and reverse) go through the fixed point by the implicit
 function theorem (optimistix's `ImplicitAdjoint`), not through the iterations.
@@ -45,6 +48,10 @@ def _max_norm(tree) -> Scalar:
     # default float dtype (float64 under x64); returning the norm in that same dtype
     # keeps its while loop type-stable for float32 states under x64.
     return optx.max_norm(tree).astype(jnp.asarray(jnp.inf).dtype)
+
+
+def _nan_unless(ok: Bool[Array, ""], h: Float[Array, " D"]) -> Float[Array, " D"]:
+    return jnp.where(ok, h, jnp.nan)
 
 
 class _Gates(eqx.Module):
@@ -194,14 +201,14 @@ class ImplicitSSM(eqx.Module):
     def __call__(
         self, input_t: Float[Array, " M"], state: Float[Array, " D"]
     ) -> Float[Array, " D"]:
-        z, _ = self.inner_solve(input_t, state)
-        return self._gates(z, state, input_t).h
+        z, ok = self.inner_solve(input_t, state)
+        return _nan_unless(ok, self._gates(z, state, input_t).h)
 
     def value_and_diagonal_jacobian(
         self, input_t: Float[Array, " M"], state: Float[Array, " D"]
     ) -> tuple[Float[Array, " D"], Float[Array, " D"]]:
         """`(s', diag ∂s'/∂s)` from one inner solve, the diagonal by the IFT formula."""
-        z, _ = self.inner_solve(input_t, state)
+        z, ok = self.inner_solve(input_t, state)
         g = self._gates(z, state, input_t)
         c = self._scale()
         phi = self._phi(z, g.h, input_t, c)
@@ -214,7 +221,7 @@ class ImplicitSSM(eqx.Module):
         K = z.shape[0]
         system = jnp.eye(K, dtype=z.dtype) - G_z - G_h @ H_z
         X = jnp.linalg.solve(system, G_h * g.decay[None, :])  # (K, D)
-        return g.h, g.decay + jnp.einsum("ik,ki->i", H_z, X)
+        return _nan_unless(ok, g.h), g.decay + jnp.einsum("ik,ki->i", H_z, X)
 
     def diagonal_jacobian(
         self, input_t: Float[Array, " M"], state: Float[Array, " D"]
