@@ -19,7 +19,8 @@ Cases (`CASES`):
   state is the flat array `[y_{t-1}, hidden]` (`D = 1 + H`, or `1 + 2H` for the
   LSTM's `(h, c)`), the input `x_t` (shape `(1,)`) is the standard-normal noise
   that samples `y_t = mean + scale · x_t`; `s0 = 0`.
-- `char_lstm`, `char_gru`: character-level language models (embedding 16, LSTM
+- `char_lstm`, `char_gru` (and `char_lstm_small`, 24 hidden units, embedding 8,
+  the model shipped with the tests): character-level language models (embedding 16, LSTM
   with 64 hidden units so `D = 128` with `(h, c)`, or a GRU with 128) trained with
   Adam on ~60k characters of English technical prose that every Python has
   offline: the docstrings of a fixed list of standard-library modules
@@ -259,12 +260,13 @@ def train_lm(
     batch: int = 32,
     length: int = 128,
     lr: float = 1e-2,
+    embed: int = 16,
     log: Callable | None = None,
 ) -> tuple[CharLM, list[float]]:
     """Train a `CharLM` with Adam (BPTT) on random windows of the training text."""
     train_ids, held_out = corpus_ids()
     key_model, key_data = jax.random.split(jax.random.key(seed))
-    model = CharLM(kind, hidden, key=key_model)
+    model = CharLM(kind, hidden, embed, key=key_model)
     opt = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adam(optax.cosine_decay_schedule(lr, steps, 0.05))
     )
@@ -299,6 +301,7 @@ class Case:
     quick_steps: int
     full_steps: int
     default_T: int
+    embed: int = 16  # LMs only
 
 
 CASES = {
@@ -307,13 +310,16 @@ CASES = {
     "ar_lstm": Case("ar", "lstm", 8, 1500, 5000, 9999),
     "char_lstm": Case("lm", "lstm", 64, 1000, 6000, 2000),
     "char_gru": Case("lm", "gru", 128, 1000, 6000, 2000),
+    # The small LM shipped with the tests (tests/data/, `python -m experiments.make_test_data`).
+    "char_lstm_small": Case("lm", "lstm", 24, 1000, 3000, 1000, embed=8),
 }
 
 
 def _skeleton(case: Case, seed: int):
     key = jax.random.split(jax.random.key(seed))[0]  # the key the trainers initialise with
-    cls = ARModel if case.family == "ar" else CharLM
-    return cls(case.kind, case.hidden, key=key)
+    if case.family == "ar":
+        return ARModel(case.kind, case.hidden, key=key)
+    return CharLM(case.kind, case.hidden, case.embed, key=key)
 
 
 def load_model(name: str, *, quick: bool = True, seed: int = 0, cache: Path = CACHE, verbose=True):
@@ -334,7 +340,7 @@ def load_model(name: str, *, quick: bool = True, seed: int = 0, cache: Path = CA
     if case.family == "ar":
         model, losses = train_ar(case.kind, case.hidden, seed, steps, log=log)
     else:
-        model, losses = train_lm(case.kind, case.hidden, seed, steps, log=log)
+        model, losses = train_lm(case.kind, case.hidden, seed, steps, embed=case.embed, log=log)
     info = {
         "name": name,
         "seed": seed,
