@@ -231,7 +231,8 @@ class CharLM(eqx.Module):
     def is_lstm(self) -> bool:
         return isinstance(self.cell, eqx.nn.LSTMCell)
 
-    def init_state(self, dtype=jnp.float32):
+    def init_state(self, dtype=None):
+        dtype = self.cell.weight_hh.dtype if dtype is None else dtype
         h = jnp.zeros(self.cell.hidden_size, dtype)
         return (h, h) if self.is_lstm else h
 
@@ -322,17 +323,28 @@ def _skeleton(case: Case, seed: int):
     return CharLM(case.kind, case.hidden, case.embed, key=key)
 
 
-def load_model(name: str, *, quick: bool = True, seed: int = 0, cache: Path = CACHE, verbose=True):
-    """The trained model of case `name` and its training record (trains and caches if missing)."""
+def load_model(
+    name: str,
+    *,
+    quick: bool = True,
+    seed: int = 0,
+    steps: int | None = None,
+    cache: Path = CACHE,
+    verbose: bool = True,
+):
+    """The trained model of case `name` and its training record (trains and caches if
+    missing). `steps` overrides the number of training steps of `quick` (tests)."""
     if name not in CASES:
         raise ValueError(f"unknown case {name!r}; choose from {sorted(CASES)}")
     case = CASES[name]
-    stem = Path(cache) / f"{name}_seed{seed}_{'quick' if quick else 'full'}"
+    mode = f"{steps}steps" if steps is not None else "quick" if quick else "full"
+    stem = Path(cache) / f"{name}_seed{seed}_{mode}"
     weights, record = stem.with_suffix(".eqx"), stem.with_suffix(".json")
     skeleton = _skeleton(case, seed)
     if weights.exists() and record.exists():
         return eqx.tree_deserialise_leaves(weights, skeleton), json.loads(record.read_text())
-    steps = case.quick_steps if quick else case.full_steps
+    if steps is None:
+        steps = case.quick_steps if quick else case.full_steps
     log = print if verbose else None
     if verbose:
         print(f"training {name} (seed {seed}, {steps} steps); cached in {weights}")
@@ -372,6 +384,7 @@ def load_case(
     seed: int = 0,
     dtype=jnp.float32,
     library_cell: bool = True,
+    steps: int | None = None,
     cache: Path = CACHE,
     verbose: bool = True,
 ):
@@ -383,6 +396,8 @@ def load_case(
     - `seed`: model initialisation and training data; also the AR evaluation noise.
     - `dtype`: the weights and inputs are cast to it (train in float32, evaluate in
       float64 with `jnp.float64` under `jax_enable_x64`).
+    - `steps`: train for this many steps instead (cached separately; for smoke tests).
+    - `cache`: the weight folder (default `results/trained`).
 
     `meta` holds `name`, `family`, `D`, `hidden`, `T`, `seed`, the training record
     (`final_loss`, `losses`, `train_seconds`, and `held_out_loss` for the LMs), the
@@ -393,7 +408,9 @@ def load_case(
     if case is None:
         raise ValueError(f"unknown case {name!r}; choose from {sorted(CASES)}")
     T = case.default_T if T is None else int(T)
-    model, info = load_model(name, quick=quick, seed=seed, cache=cache, verbose=verbose)
+    model, info = load_model(
+        name, quick=quick, seed=seed, steps=steps, cache=cache, verbose=verbose
+    )
     model = _cast(model, dtype)
     meta = {k: v for k, v in info.items()}
     meta.update(name=name, family=case.family, hidden=case.hidden, T=T, seed=seed, model=model)
