@@ -40,6 +40,7 @@ import inspect
 import json
 import string
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,14 +189,16 @@ def corpus() -> str:
     """Docstrings of `CORPUS_MODULES` and their public classes and functions, in a fixed
     order, each distinct docstring once, reduced to `VOCAB` (other characters dropped)."""
     parts = []
-    for name in CORPUS_MODULES:
-        mod = importlib.import_module(name)
-        parts.append(inspect.getdoc(mod) or "")
-        for member in sorted(dir(mod)):
-            obj = getattr(mod, member)
-            if member.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
-                continue
-            parts.append(inspect.getdoc(obj) or "")
+    with warnings.catch_warnings():  # deprecated aliases (typing.io) warn on access
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in CORPUS_MODULES:
+            mod = importlib.import_module(name)
+            parts.append(inspect.getdoc(mod) or "")
+            for member in sorted(dir(mod)):
+                obj = getattr(mod, member)
+                if member.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                    continue
+                parts.append(inspect.getdoc(obj) or "")
     # `getdoc` inherits docstrings, so many classes repeat their base's: keep each once.
     text = "\n\n".join(dict.fromkeys(p for p in parts if p)).replace("\t", "    ")
     keep = set(VOCAB)
