@@ -86,6 +86,8 @@ def run(
     if solvers is None:
         solvers = default_solvers()
     kwargs = {} if cache is None else {"cache": cache}
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
     rows, residual_rows = [], []
     for name in cases:
         for T in Ts:
