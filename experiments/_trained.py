@@ -312,8 +312,8 @@ CASES = {
     "ar_gru3": Case("ar", "gru", 3, 1500, 5000, 9999),
     "ar_gru16": Case("ar", "gru", 16, 1500, 5000, 9999),
     "ar_lstm": Case("ar", "lstm", 8, 1500, 5000, 9999),
-    "char_lstm": Case("lm", "lstm", 64, 1000, 2500, 2000),
-    "char_gru": Case("lm", "gru", 128, 1000, 2500, 2000),
+    "char_lstm": Case("lm", "lstm", 64, 1000, 6000, 2000),
+    "char_gru": Case("lm", "gru", 128, 1000, 6000, 2000),
     # The small LM shipped with the tests (tests/data/, `python -m experiments.make_test_data`).
     "char_lstm_small": Case("lm", "lstm", 24, 1000, 3000, 1000, embed=8),
 }
