@@ -83,3 +83,24 @@ def test_stress_smoke_solves_both_cases(tmp_path):
     assert {r["case"] for r in rows} == {"long", "batch"}
     for r in rows:
         assert r["status"] == "ok" and r["max_abs_err"] < 1e-4 and r["compiled_MiB"] > 0
+
+
+def test_trained_rnn_smoke_measures_solvers_and_matching_training_curves(tmp_path):
+    rows, _ = _run("trained_rnn", tmp_path)
+    labels = {r["solver"] for r in rows}
+    assert labels == {"DEER", "ELK(damping=0.0001)", "QuasiELK(damping=0.0001)"}
+    for r in rows:
+        assert r["converged"] and 1 <= r["iterations"] <= r["T"] and r["max_abs_err"] < 1e-3
+    with open(tmp_path / "trained_rnn_training.csv") as f:
+        training = list(csv.DictReader(f))
+    # Exact gradients through solve_parallel train like BPTT.
+    for r in training:
+        assert abs(float(r["loss_bptt"]) - float(r["loss_parallel"])) < 1e-4
+    assert (tmp_path / "trained_rnn_errors.csv").stat().st_size > 0
+
+
+def test_trained_lm_smoke_measures_solvers_and_extra_configurations(tmp_path):
+    rows, _ = _run("trained_lm", tmp_path, "--extra", "QuasiELK(damping=0.1)")
+    assert {r["solver"] for r in rows} == {"QuasiDEER", "Jacobi", "QuasiELK(damping=0.1)"}
+    for r in rows:
+        assert r["converged"] and r["max_abs_err"] < 1e-3 and r["lle"] < 0
