@@ -30,6 +30,7 @@ from jaxtyping import Array, Float, PyTree
 from ._iterate import Outcome, iterate
 from ._problem import FlatCell, Problem, make_spec
 from ._scan import Method, transposed_recurrence
+from ._shard import flip_time, global_length, shift_left, shift_right, time_index, time_max
 from ._solver.base import AbstractSolver, Iterate, safeguard
 from ._solver.deer import QuasiDEER
 
@@ -53,7 +54,7 @@ class _AdjointCell(eqx.Module):
 
 
 def _flip(tree):
-    return jax.tree_util.tree_map(lambda x: jnp.flip(x, axis=0), tree)
+    return jax.tree_util.tree_map(flip_time, tree)
 
 
 class _DenseAdjoint(AbstractSolver):
@@ -74,8 +75,8 @@ class _DenseAdjoint(AbstractSolver):
     jacobian = "dense"
 
     def _f(self, lam_reversed):
-        (mu,) = self.transpose(jnp.flip(lam_reversed, axis=0))
-        return jnp.flip(self.cotangent + jnp.concatenate([mu[1:], jnp.zeros_like(mu[:1])]), 0)
+        (mu,) = self.transpose(flip_time(lam_reversed))
+        return flip_time(self.cotangent + shift_left(mu, jnp.zeros_like(mu[0])))
 
     def init(self, problem, states):
         del problem
@@ -83,8 +84,8 @@ class _DenseAdjoint(AbstractSolver):
 
     def step(self, problem, iterate, state, frontier):
         del problem
-        residual = jnp.flip(iterate.fs - iterate.states, axis=0)
-        delta = jnp.flip(transposed_recurrence(self.A, residual, method=self.scan), axis=0)
+        residual = flip_time(iterate.fs - iterate.states)
+        delta = flip_time(transposed_recurrence(self.A, residual, method=self.scan))
         states = safeguard(iterate.states + delta, iterate, frontier)
         return Iterate(states, self._f(states), None), state
 
@@ -106,7 +107,7 @@ def adjoint(
     `λ = 0` whenever all cotangents fall below it.
     """
     T, D = states.shape
-    scale = jnp.max(jnp.abs(cotangent))
+    scale = time_max(jnp.max(jnp.abs(cotangent)))
     scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1).astype(states.dtype)
     cotangent = cotangent / scale
     if solver.jacobian == "dense":
@@ -126,10 +127,10 @@ def adjoint(
         jnp.zeros_like(states),
         rtol=rtol,
         atol=atol,
-        max_steps=T,
+        max_steps=global_length(T),
         trace=False,
     )
-    return eqx.tree_at(lambda o: o.states, out, scale * jnp.flip(out.states, axis=0))
+    return eqx.tree_at(lambda o: o.states, out, scale * flip_time(out.states))
 
 
 def _adjoint_problem(
@@ -137,10 +138,8 @@ def _adjoint_problem(
 ) -> Problem:
     """The adjoint recurrence as a cell on reversed time, for the quasi solvers."""
     T, D = states.shape
-    x_next = jax.tree_util.tree_map(
-        lambda x: jnp.concatenate([x[1:], x[-1:]], axis=0), problem.inputs
-    )
-    valid = jnp.arange(T) < T - 1
+    x_next = jax.tree_util.tree_map(lambda x: shift_left(x, x[-1]), problem.inputs)
+    valid = time_index(T) < global_length(T) - 1
     adj_inputs = _flip((x_next, states, cotangent, valid))
 
     cell = _AdjointCell(problem.fn)
@@ -155,7 +154,7 @@ def parameter_cotangents(
     """One batched VJP of the cell: cotangents of (flat cell, inputs, `s_0`)."""
 
     def batched(fn, inputs, init):
-        prev = jnp.concatenate([init[None], states[:-1]], axis=0)
+        prev = shift_right(states, init)
         return jax.vmap(fn)(inputs, prev)
 
     _, vjp = eqx.filter_vjp(batched, problem.fn, problem.inputs, problem.init)

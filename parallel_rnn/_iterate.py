@@ -6,6 +6,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from ._problem import Problem
+from ._shard import globalise_status
 from ._solver.base import AbstractSolver, Iterate
 
 
@@ -27,7 +28,7 @@ def assess(iterate: Iterate, rtol: float, atol: float) -> Status:
     # The prefix before `frontier` is exact; if f of it is not finite, the true
     # trajectory itself is not (NaN inputs, overflow), and no iteration can help.
     stalled = ~converged & ~jnp.all(jnp.isfinite(iterate.fs[frontier]))
-    return Status(converged, frontier, residual, stalled)
+    return globalise_status(Status(converged, frontier, residual, stalled), iterate.fs)
 
 
 class Outcome(eqx.Module):

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
+from ._shard import shift_right
+
 
 class StateSpec(eqx.Module):
     """Static description of a state pytree: its structure, leaf shapes and dtype."""
@@ -102,7 +104,7 @@ class Problem(eqx.Module):
 
     def shift(self, states: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """`(s_1..s_T) -> (s_0..s_{T-1})`."""
-        return jnp.concatenate([self.init[None], states[:-1]], axis=0)
+        return shift_right(states, self.init)  # across shards when sequence-sharded
 
     def evaluate(self, states: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """`f(x_t, s_{t-1})` for every `t`: one batched cell evaluation."""

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from . import _shard
+
 
 Method = Literal["auto", "associative", "sequential"]
 
@@ -84,6 +86,12 @@ def dense_recurrence(
 
     `A[0]` (`A[-1]` when reversed) multiplies the zero boundary value and is unused.
     """
+    if _shard.sequence_axis() is not None:
+        solve = lambda A, b: dense_recurrence(A, b, reverse=reverse, method=method)
+        associative = resolve_method(method) == "associative"
+        return _shard.linear_recurrence(
+            "dense", solve, A, b, reverse=reverse, associative=associative
+        )
     if resolve_method(method) == "sequential":
         matvec = _step_matvec(b.shape[-1])
 
@@ -114,6 +122,12 @@ def transposed_recurrence(
     `(T, D, D)` array is made. Through `μ_t = A_tᵀ x_t` it is the reverse
     recurrence `μ_t = A_tᵀ μ_{t+1} + A_tᵀ b_t`, and `x_t = b_t + μ_{t+1}`.
     """
+    if _shard.sequence_axis() is not None:
+        solve = lambda A, b: transposed_recurrence(A, b, method=method)
+        associative = resolve_method(method) == "associative"
+        return _shard.linear_recurrence(
+            "transposed", solve, A, b, reverse=True, associative=associative
+        )
     D = b.shape[-1]
     if resolve_method(method) == "sequential":
         matvec = _step_matvec(D)
@@ -139,6 +153,9 @@ def diagonal_recurrence(
     method: Method = "auto",
 ) -> Float[Array, "T D"]:
     """Elementwise `x_t = a_t ⊙ x_{t-1} + b_t` (`x_0 = 0`), or backwards with `reverse=True`."""
+    if _shard.sequence_axis() is not None:
+        solve = lambda a, b: diagonal_recurrence(a, b, reverse=reverse, method=method)
+        return _shard.linear_recurrence("diagonal", solve, a, b, reverse=reverse, associative=False)
     if resolve_method(method) == "sequential":
 
         def step(x, ab):
@@ -155,4 +172,7 @@ def diagonal_recurrence(
 
 def prefix_sum(b: Float[Array, "T D"], *, reverse: bool = False) -> Float[Array, "T D"]:
     """`x_t = x_{t-1} + b_t`: the recurrence with `A_t = I` (Picard)."""
+    if _shard.sequence_axis() is not None:
+        solve = lambda _, b: prefix_sum(b, reverse=reverse)
+        return _shard.linear_recurrence("sum", solve, None, b, reverse=reverse, associative=False)
     return lax.cumsum(b, axis=0, reverse=reverse)
