@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Literal
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, PyTree
@@ -253,3 +254,95 @@ def linear_recurrence(
     b = b.at[edge].add(jnp.where(boundary, jnp.zeros_like(push), push))
     with sharded_over(None):
         return solve(A, b)
+
+
+def before_first(x: Float[Array, "L ..."], first: Float[Array, "..."]) -> Float[Array, "..."]:
+    """The value preceding the local block: `first` on the first shard (or unsharded)."""
+    axis = sequence_axis()
+    if axis is None:
+        return first
+    P = _shards(axis)
+    from_prev = lax.ppermute(x[-1], axis, perm=[(i, i + 1) for i in range(P - 1)])
+    return jnp.where(_shard_index(axis) == 0, first, from_prev)
+
+
+# ---------------------------------------------------------------------------
+# Associative scans over shards (the Kalman filter and smoother elements).
+
+
+def _scan_local(combine: Callable, elems: PyTree, reverse: bool, associative: bool) -> PyTree:
+    """All prefixes (suffixes with `reverse`) of `elems` under `combine(earlier, later)`."""
+    if associative:
+        if reverse:
+            return lax.associative_scan(lambda j, i: combine(i, j), elems, reverse=True)
+        return lax.associative_scan(combine, elems)
+    tree_map = jax.tree_util.tree_map
+    if reverse:
+        init, rest = tree_map(lambda x: x[-1], elems), tree_map(lambda x: x[:-1], elems)
+
+        def step(acc, e):
+            acc = combine(e, acc)
+            return acc, acc
+
+        _, out = lax.scan(step, init, rest, reverse=True)
+        return tree_map(lambda o, i: jnp.concatenate([o, i[None]]), out, init)
+    init, rest = tree_map(lambda x: x[0], elems), tree_map(lambda x: x[1:], elems)
+
+    def step(acc, e):
+        acc = combine(acc, e)
+        return acc, acc
+
+    _, out = lax.scan(step, init, rest)
+    return tree_map(lambda i, o: jnp.concatenate([i[None], o]), init, out)
+
+
+def associative_over_shards(
+    combine: Callable, elems: PyTree, *, reverse: bool, associative: bool
+) -> PyTree:
+    """`lax.associative_scan(combine, elems)` over the sharded time axis.
+
+    Local scan; the shard totals are `all_gather`ed and composed over the shards
+    (a scan of length `P`) into the total of all earlier (with `reverse`: later)
+    shards, which is then combined with every local prefix.
+    """
+    axis = sequence_axis()
+    assert axis is not None
+    tree_map = jax.tree_util.tree_map
+    local = _scan_local(combine, elems, reverse, associative)
+    P = _shards(axis)
+    if P == 1:
+        return local
+    total = tree_map(lambda x: x[0 if reverse else -1], local)
+    totals = lax.all_gather(total, axis)
+    me = _shard_index(axis)
+    if reverse:
+        # incoming[p] = totals[p+1] • ... • totals[P-1], for p = 0..P-2
+        last = tree_map(lambda x: x[-1], totals)
+        rest = tree_map(lambda x: x[1:-1], totals)
+
+        def step(acc, s):
+            return combine(s, acc), acc
+
+        # The scan emits S_{p} = totals[p+1] • ... • totals[P-1] for p = 1..P-2 and
+        # ends with S_0.
+        s0, later = lax.scan(step, last, rest, reverse=True)
+        incoming = tree_map(lambda f, x: jnp.concatenate([f[None], x]), s0, later)
+        mine = tree_map(lambda x: x[jnp.minimum(me, P - 2)], incoming)
+        full = jax.vmap(combine, in_axes=(0, None))(local, mine)
+        edge = me == P - 1
+    else:
+        # incoming[p-1] = totals[0] • ... • totals[p-1], for p = 1..P-1
+        first = tree_map(lambda x: x[0], totals)
+        rest = tree_map(lambda x: x[1:-1], totals)
+
+        def step(acc, s):
+            return combine(acc, s), acc
+
+        # The scan emits C_p = totals[0] • ... • totals[p-1] for p = 1..P-2 and
+        # ends with C_{P-1}.
+        c_last, earlier = lax.scan(step, first, rest)
+        incoming = tree_map(lambda x, f: jnp.concatenate([x, f[None]]), earlier, c_last)
+        mine = tree_map(lambda x: x[jnp.maximum(me - 1, 0)], incoming)
+        full = jax.vmap(combine, in_axes=(None, 0))(mine, local)
+        edge = me == 0
+    return tree_map(lambda a, b: jnp.where(edge, a, b), local, full)
