@@ -6,7 +6,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from ._problem import Problem
-from ._shard import globalise_status
+from ._shard import globalise_status, lockstep
 from ._solver.base import AbstractSolver, Iterate
 
 
@@ -70,5 +70,5 @@ def iterate(
         return it, solver_state, n + 1, status, history
 
     carry = (it, solver_state, jnp.array(0, jnp.int32), status, history)
-    it, _, n, status, history = lax.while_loop(cond, body, carry)
+    it, _, n, status, history = lax.while_loop(*lockstep(cond, body), carry)
     return Outcome(it.states, n, status.converged, status.residual, history)

@@ -38,6 +38,9 @@ from jaxtyping import Array, Float, Int, PyTree
 _AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "parallel_rnn_sequence_axis", default=None
 )
+_BATCH: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "parallel_rnn_batch_axis", default=None
+)
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -47,13 +50,39 @@ def sequence_axis() -> str | None:
 
 
 @contextlib.contextmanager
-def sharded_over(axis_name: str | None) -> Iterator[None]:
-    """Trace the solve loop with its time axis split over `axis_name` (`None`: not split)."""
-    token = _AXIS.set(axis_name)
+def sharded_over(axis_name: str | None, batch_axis: str | None = None) -> Iterator[None]:
+    """Trace the solve loop with its time axis split over `axis_name` (`None`: not split),
+    for one sequence of a batch split over `batch_axis` (`None`: no batch axis)."""
+    token, batch_token = _AXIS.set(axis_name), _BATCH.set(batch_axis)
     try:
         yield
     finally:
         _AXIS.reset(token)
+        _BATCH.reset(batch_token)
+
+
+def lockstep(cond: Callable, body: Callable) -> tuple[Callable, Callable]:
+    """A `while_loop` whose trip count is the same on every device of the mesh.
+
+    With a batch axis, each sequence's loop would stop after its own number of
+    iterations, and the devices of different batch shards would then meet
+    different collectives (a `ppermute` is one operation over the whole mesh):
+    a deadlock. So the loop runs while any sequence anywhere is unfinished, and
+    a finished sequence's carry is held fixed (its result and count unchanged).
+    """
+    axis = _BATCH.get()
+    if axis is None:
+        return cond, body
+
+    def any_cond(carry):
+        return lax.pmax(cond(carry).astype(jnp.int32), axis) > 0
+
+    def held_body(carry):
+        active = cond(carry)
+        new = body(carry)
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, carry)
+
+    return any_cond, held_body
 
 
 def _shards(axis: str) -> int:

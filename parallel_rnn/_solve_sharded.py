@@ -112,7 +112,7 @@ def _forward(problem, guess, solver, rtol, atol, max_steps, trace, layout: _Layo
         solver_ = eqx.combine(solver_dyn, solver_static)
 
         def one(inputs, init, guess):
-            with sharded_over(layout.axis):
+            with sharded_over(layout.axis, layout.batch):
                 return iterate(
                     Problem(fn, inputs, init),
                     solver_,
@@ -143,7 +143,7 @@ def _backward(problem, states, cotangent, solver, rtol, atol, layout: _Layout):
         solver_ = eqx.combine(solver_dyn, solver_static)
 
         def one(inputs, init, states, cotangent):
-            with sharded_over(layout.axis):
+            with sharded_over(layout.axis, layout.batch):
                 local = Problem(fn, inputs, init)
                 adj = adjoint(local, states, cotangent, solver_, rtol=rtol, atol=atol)
                 fn_bar, inputs_bar, init_bar = parameter_cotangents(local, states, adj.states)
@@ -194,8 +194,26 @@ def _solve_bwd(
         problem, states, cotangent, solver, rtol, atol, layout
     )
     if throw:
-        inputs_bar = eqx.error_if(inputs_bar, ~converged, _ADJOINT_NOT_CONVERGED)
+        inputs_bar = _check(inputs_bar, converged, _ADJOINT_NOT_CONVERGED)
     return Problem(fn_bar, inputs_bar, init_bar)
+
+
+def _check(tree: PyTree, converged, message: str) -> PyTree:
+    """`eqx.error_if(tree, ~converged, message)`, with the check on a scalar.
+
+    On a sharded array the check's conditional is placed on one device, which
+    gathers the whole trajectory there; on a scalar it costs nothing, and adding
+    `0 *` the checked scalar keeps the trajectory dependent on it.
+    """
+    ok = jnp.min(lax.stop_gradient(converged).astype(jnp.int32)) > 0
+    flag = lax.stop_gradient(eqx.error_if(jnp.zeros((), jnp.float32), ~ok, message))
+
+    def tie(x):
+        if not eqx.is_inexact_array(x):
+            return x
+        return x + flag.astype(x.dtype)  # flag is 0: only the dependency matters
+
+    return jax.tree_util.tree_map(tie, tree)
 
 
 def _axis_size(mesh: Mesh, name: str, argument: str) -> int:
@@ -307,7 +325,7 @@ def solve_sharded(
     out = _solve(problem, guess_flat, solver, rtol, atol, max_steps, trace, throw, layout)
     states = out.states
     if throw:
-        states = eqx.error_if(states, ~out.converged, _NOT_CONVERGED)
+        states = _check(states, out.converged, _NOT_CONVERGED)
     return Solution(
         unravel_trajectory(states), out.num_steps, out.converged, out.residual, out.trace
     )
