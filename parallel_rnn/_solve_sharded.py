@@ -1,6 +1,7 @@
 """`solve_sharded`: `solve_parallel` with the time axis (and a batch axis) split over a mesh."""
 
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -60,7 +61,7 @@ class _Unchecked(eqx.Module):
     jaxpr is evaluated as Equinox does, after the same shape and dtype check.
     """
 
-    converted: Callable
+    converted: Any  # an Equinox closure-converted function
 
     def __call__(self, *args):
         conv = self.converted
@@ -126,7 +127,7 @@ def _forward(problem, guess, solver, rtol, atol, max_steps, trace, layout: _Layo
         return layout.map(one, inputs, init, guess)
 
     seq, per = layout.sequence, layout.per_sequence
-    out_specs = Outcome(seq, per, per, per, per if trace else None)
+    out_specs: Any = Outcome(seq, per, per, per, per if trace else None)  # type: ignore[arg-type]
     in_specs = (P(), _specs(problem.inputs, seq), per, seq, P())
     run = jax.shard_map(
         body, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
