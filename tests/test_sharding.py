@@ -28,7 +28,12 @@ def _env(**extra):
 
 @pytest.fixture(scope="module")
 def report():
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # The sizes are tiny, so compilation is nearly all the time: XLA's optimisation
+    # passes off cut it by about a quarter (measured: 102 s -> 78 s CPU time).
+    env = _env(
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "tests.sharding_checks"],
         cwd=ROOT,
