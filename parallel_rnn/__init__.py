@@ -13,6 +13,7 @@ from ._scan import (
 from ._sequential import solve_sequential as solve_sequential
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solve import solve_parallel as solve_parallel
+from ._solve_sharded import solve_sharded as solve_sharded
 from ._solver import (
     DEER as DEER,
     ELK as ELK,

@@ -35,12 +35,12 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PyTree
 
 from ._iterate import Outcome, iterate
-from ._misc import shift_left, shift_right
 from ._problem import FlatCell, Problem, make_spec
 from ._scan import Method, transposed_recurrence
+from ._shard import flip_time, global_length, shift_left, shift_right, time_index, time_max
 from ._solver.base import AbstractSolver, Iterate, safeguard
 from ._solver.deer import DEER, QuasiDEER
 
@@ -64,7 +64,7 @@ class _AdjointCell(eqx.Module):
 
 
 def _flip(tree):
-    return jax.tree_util.tree_map(lambda x: jnp.flip(x, axis=0), tree)
+    return jax.tree_util.tree_map(flip_time, tree)
 
 
 class _DenseAdjoint(AbstractSolver):
@@ -84,9 +84,9 @@ class _DenseAdjoint(AbstractSolver):
     scan: Method
     jacobian = "dense"
 
-    def _f(self, costate_reversed):
-        (mu,) = self.transpose(jnp.flip(costate_reversed, axis=0))
-        return jnp.flip(self.cotangent + shift_left(mu), 0)
+    def _f(self, lam_reversed):
+        (mu,) = self.transpose(flip_time(lam_reversed))
+        return flip_time(self.cotangent + shift_left(mu, jnp.zeros_like(mu[0])))
 
     def init(self, problem, states):
         del problem
@@ -94,8 +94,8 @@ class _DenseAdjoint(AbstractSolver):
 
     def step(self, problem, iterate, state, frontier):
         del problem
-        residual = jnp.flip(iterate.fs - iterate.states, axis=0)
-        delta = jnp.flip(transposed_recurrence(self.A, residual, method=self.scan), axis=0)
+        residual = flip_time(iterate.fs - iterate.states)
+        delta = flip_time(transposed_recurrence(self.A, residual, method=self.scan))
         states = safeguard(iterate.states + delta, iterate, frontier)
         return Iterate(states, self._f(states), None), state
 
@@ -117,7 +117,7 @@ def adjoint(
     `λ = 0` whenever all cotangents fall below it.
     """
     T, D = states.shape
-    scale = jnp.max(jnp.abs(cotangent))
+    scale = time_max(jnp.max(jnp.abs(cotangent)))
     scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1).astype(states.dtype)
     cotangent = cotangent / scale
     if solver.jacobian == "dense":
@@ -137,13 +137,13 @@ def adjoint(
         jnp.zeros_like(states),
         rtol=rtol,
         atol=atol,
-        max_steps=T,
+        max_steps=global_length(T),
         trace=False,
         # `_DenseAdjoint` evaluates the adjoint recurrence itself (`adj_problem` is
         # the forward problem); the adjoint cell of the quasi path is certified.
         certify=solver.jacobian != "dense",
     )
-    return eqx.tree_at(lambda o: o.states, out, scale * jnp.flip(out.states, axis=0))
+    return eqx.tree_at(lambda o: o.states, out, scale * flip_time(out.states))
 
 
 def _adjoint_problem(
@@ -151,10 +151,8 @@ def _adjoint_problem(
 ) -> Problem:
     """The adjoint recurrence as a cell on reversed time, for the quasi solvers."""
     T, D = states.shape
-    x_next = jax.tree_util.tree_map(
-        lambda x: jnp.concatenate([x[1:], x[-1:]], axis=0), problem.inputs
-    )
-    valid = jnp.arange(T) < T - 1
+    x_next = jax.tree_util.tree_map(lambda x: shift_left(x, x[-1]), problem.inputs)
+    valid = time_index(T) < global_length(T) - 1
     adj_inputs = _flip((x_next, states, cotangent, valid))
 
     cell = _AdjointCell(problem.fn)
@@ -214,3 +212,20 @@ def tangent(
         trace=False,
     )
     return eqx.tree_at(lambda o: o.states, out, scale * out.states)
+
+
+def parameter_cotangents(
+    problem: Problem, states: Float[Array, "T D"], costate: Float[Array, "T D"]
+) -> tuple[PyTree, PyTree, Float[Array, " D"]]:
+    """One batched VJP of the cell: cotangents of (flat cell, inputs, `s_0`).
+
+    Used by the sequence-sharded solve, whose custom VJP runs the adjoint inside
+    `shard_map`; the single-device solve differentiates through `_implicit`'s JVP.
+    """
+
+    def batched(fn, inputs, init):
+        prev = shift_right(states, init)
+        return jax.vmap(fn)(inputs, prev)
+
+    _, vjp = eqx.filter_vjp(batched, problem.fn, problem.inputs, problem.init)
+    return vjp(costate)

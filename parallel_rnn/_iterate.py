@@ -7,6 +7,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._problem import Problem
 from ._solution import RESULTS
+from ._shard import globalise_status, lockstep
 from ._solver.base import AbstractSolver, Iterate
 
 
@@ -28,7 +29,7 @@ def assess(iterate: Iterate, rtol: float, atol: float) -> Status:
     # The prefix before `frontier` is exact; if f of it is not finite, the true
     # trajectory itself is not (NaN inputs, overflow), and no iteration can help.
     stalled = ~converged & ~jnp.all(jnp.isfinite(iterate.fs[frontier]))
-    return Status(converged, frontier, residual, stalled)
+    return globalise_status(Status(converged, frontier, residual, stalled), iterate.fs)
 
 
 class Outcome(eqx.Module):
@@ -77,7 +78,7 @@ def iterate(
         return it, solver_state, n + 1, status, history
 
     carry = (it, solver_state, jnp.array(0, jnp.int32), status, history)
-    it, _, n, status, history = lax.while_loop(cond, body, carry)
+    it, _, n, status, history = lax.while_loop(*lockstep(cond, body), carry)
     if certify:
         final = assess(Iterate(it.states, problem.evaluate(it.states), None), rtol, atol)
     else:

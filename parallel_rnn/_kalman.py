@@ -47,6 +47,13 @@ from jaxtyping import Array, Float, Scalar
 
 from ._misc import add_identity, matmul as _mm, matvec as _mv
 from ._scan import Method, _small_matvec, resolve_method
+from ._shard import (
+    associative_over_shards,
+    global_length,
+    sequence_axis,
+    shift_left,
+    time_index,
+)
 
 
 def _t(a):
@@ -100,7 +107,7 @@ def _diagonal_filter_combine(earlier, later):
 
 
 def _filter_elements(A, b, y, k, c, dense):
-    first = jnp.arange(A.shape[0]) == 0
+    first = time_index(A.shape[0]) == 0  # global time when sequence-sharded
     innov = y - b
     k, c = k[:, None], c[:, None]
     if dense:
@@ -113,9 +120,14 @@ def _filter_elements(A, b, y, k, c, dense):
     return c * A, c * b + k * y, jnp.broadcast_to(c, b.shape), k * A**2, k * A * innov
 
 
-def _parallel_filter(A, b, y, k, c, dense):
+def _parallel_filter(A, b, y, k, c, dense, associative=True):
     elems = _filter_elements(A, b, y, k, c, dense)
     combine = _dense_filter_combine if dense else _diagonal_filter_combine
+    if sequence_axis() is not None:
+        _, m, P, _, _ = associative_over_shards(
+            combine, elems, reverse=False, associative=associative
+        )
+        return m, P
     _, m, P, _, _ = lax.associative_scan(combine, elems)
     return m, P
 
@@ -138,10 +150,11 @@ def _diagonal_smoother_combine(earlier, later):
     return E_i * E_j, E_i * g_j + g_i, E_i**2 * L_j + L_i
 
 
-def _parallel_smoother(A, b, m, P, dense):
-    last = (jnp.arange(A.shape[0]) == A.shape[0] - 1)[:, None]
-    F = jnp.roll(A, -1, axis=0)  # F_t = A_{t+1}; the wrapped-around last entry is masked
-    beta = jnp.roll(b, -1, axis=0)
+def _parallel_smoother(A, b, m, P, dense, associative=True):
+    T = A.shape[0]
+    last = (time_index(T) == global_length(T) - 1)[:, None]
+    F = shift_left(A, A[-1])  # F_t = A_{t+1}; the last entry is masked
+    beta = shift_left(b, b[-1])
     if dense:
         FP = _mm(F, P)
         S = add_identity(_mm(FP, _t(F)))
@@ -157,6 +170,9 @@ def _parallel_smoother(A, b, m, P, dense):
         g = m - E * (F * m + beta)
         L = jnp.where(last, P, P / S)  # = P - E F P, written to stay positive
         combine = _diagonal_smoother_combine
+    if sequence_axis() is not None:
+        _, g, L = associative_over_shards(combine, (E, g, L), reverse=True, associative=associative)
+        return g, L
     # JAX scans reversed elements in reverse mode, so the combine's first argument
     # is the later time step.
     _, g, L = lax.associative_scan(lambda j, i: combine(i, j), (E, g, L), reverse=True)
@@ -298,11 +314,14 @@ def kalman_filter(
     diagonal `A`, their diagonals `(T, D)`.
     """
     dense, A, lam, y = _prepare(A, b, lam, y)
-    if resolve_method(method) == "sequential":
+    associative = resolve_method(method) == "associative"
+    # Sequence-sharded, the recursions run in element form, which composes over
+    # shards (the method picks a parallel or a sequential scan of the elements).
+    if not associative and sequence_axis() is None:
         m, P, _, _ = _sequential_filter(A, b, y, lam, dense)
         return m, P
     k, c = _gains(lam)
-    return _parallel_filter(A, b, y, k, c, dense)
+    return _parallel_filter(A, b, y, k, c, dense, associative)
 
 
 def kalman_smoother(
@@ -319,9 +338,10 @@ def kalman_smoother(
     Arguments and returns as for `kalman_filter`.
     """
     dense, A, lam, y = _prepare(A, b, lam, y)
-    if resolve_method(method) == "sequential":
+    associative = resolve_method(method) == "associative"
+    if not associative and sequence_axis() is None:
         m, P, m_pred, P_pred = _sequential_filter(A, b, y, lam, dense)
         return _sequential_smoother(A, m, P, m_pred, P_pred, dense)
     k, c = _gains(lam)
-    m, P = _parallel_filter(A, b, y, k, c, dense)
-    return _parallel_smoother(A, b, m, P, dense)
+    m, P = _parallel_filter(A, b, y, k, c, dense, associative)
+    return _parallel_smoother(A, b, m, P, dense, associative)

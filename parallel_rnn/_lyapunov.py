@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from ._misc import shift_right
+from ._shard import shift_right
 from ._validate import check_inputs, check_state
 
 

@@ -27,16 +27,6 @@ def default_dtype(dtype):
     return jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else dtype
 
 
-def shift_right(x: Float[Array, "T ..."], first: Float[Array, "..."]) -> Float[Array, "T ..."]:
-    """`(x_1..x_T) -> (first, x_1..x_{T-1})`: each step's predecessor, `first` at `t = 1`."""
-    return jnp.concatenate([first[None], x[:-1]], axis=0)
-
-
-def shift_left(x: Float[Array, "T ..."]) -> Float[Array, "T ..."]:
-    """`(x_1..x_T) -> (x_2..x_T, 0)`: each step's successor, zero after the last."""
-    return jnp.concatenate([x[1:], jnp.zeros_like(x[:1])], axis=0)
-
-
 def add_identity(a: Float[Array, "... D D"]) -> Float[Array, "... D D"]:
     """`a + I` for a (batch of) square matrices, without implicit rank promotion."""
     D = a.shape[-1]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
-from ._misc import shift_right
+from ._shard import shift_right
 
 
 class StateSpec(eqx.Module):
@@ -109,7 +109,7 @@ class Problem(eqx.Module):
 
     def shift(self, states: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """`(s_1..s_T) -> (s_0..s_{T-1})`."""
-        return shift_right(states, self.init)
+        return shift_right(states, self.init)  # across shards when sequence-sharded
 
     def evaluate(self, states: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """`f(x_t, s_{t-1})` for every `t`: one batched cell evaluation."""

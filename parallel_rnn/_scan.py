@@ -25,7 +25,9 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
-from ._misc import HIGHEST as _HIGHEST, matvec as _matvec, shift_left
+from . import _shard
+from ._misc import HIGHEST as _HIGHEST, matvec as _matvec
+from ._shard import shift_left
 
 
 Method = Literal["auto", "associative", "sequential"]
@@ -80,6 +82,12 @@ def dense_recurrence(
 
     `A[0]` (`A[-1]` when reversed) multiplies the zero boundary value and is unused.
     """
+    if _shard.sequence_axis() is not None:
+        solve = lambda A, b: dense_recurrence(A, b, reverse=reverse, method=method)
+        associative = resolve_method(method) == "associative"
+        return _shard.linear_recurrence(
+            "dense", solve, A, b, reverse=reverse, associative=associative
+        )
     if resolve_method(method) == "sequential":
         matvec = _step_matvec(b.shape[-1])
 
@@ -114,6 +122,12 @@ def transposed_recurrence(
     """
     if A.ndim != 3:
         return _transposed_structured(A, b, method)
+    if _shard.sequence_axis() is not None:
+        solve = lambda A, b: transposed_recurrence(A, b, method=method)
+        associative = resolve_method(method) == "associative"
+        return _shard.linear_recurrence(
+            "transposed", solve, A, b, reverse=True, associative=associative
+        )
     D = b.shape[-1]
     if resolve_method(method) == "sequential":
         matvec = _step_matvec(D)
@@ -128,7 +142,7 @@ def transposed_recurrence(
 
     c = jnp.einsum("tji,tj->ti", A, b, precision=_HIGHEST)
     _, mu = lax.associative_scan(_transposed_combine, (A, c), reverse=True)
-    return b + shift_left(mu)
+    return b + shift_left(mu, jnp.zeros_like(mu[0]))
 
 
 def diagonal_recurrence(
@@ -139,6 +153,9 @@ def diagonal_recurrence(
     method: Method = "auto",
 ) -> Float[Array, "T D"]:
     """Elementwise `x_t = a_t ⊙ x_{t-1} + b_t` (`x_0 = 0`), or backwards with `reverse=True`."""
+    if _shard.sequence_axis() is not None:
+        solve = lambda a, b: diagonal_recurrence(a, b, reverse=reverse, method=method)
+        return _shard.linear_recurrence("diagonal", solve, a, b, reverse=reverse, associative=False)
     if resolve_method(method) == "sequential":
 
         def step(x, ab):
@@ -222,4 +239,7 @@ def _transposed_structured(A, b, method):
 
 def prefix_sum(b: Float[Array, "T D"], *, reverse: bool = False) -> Float[Array, "T D"]:
     """`x_t = x_{t-1} + b_t`: the recurrence with `A_t = I` (Picard)."""
+    if _shard.sequence_axis() is not None:
+        solve = lambda _, b: prefix_sum(b, reverse=reverse)
+        return _shard.linear_recurrence("sum", solve, None, b, reverse=reverse, associative=False)
     return lax.cumsum(b, axis=0, reverse=reverse)

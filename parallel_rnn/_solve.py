@@ -19,7 +19,6 @@ from ._validate import (
     check_cell,
     check_guess,
     check_inputs,
-    check_options,
     check_state,
     normalise_options,
 )

@@ -9,6 +9,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from .._problem import Problem
 from .._scan import Method
+from .._shard import time_index
 
 
 class Iterate(eqx.Module):
@@ -89,8 +90,7 @@ def safeguard(
     - Steps that are non-finite or explode revert to the previous iterate (finite
       by induction), so nothing non-finite ever reaches the next linearisation.
     """
-    T = proposal.shape[0]
-    t = jnp.arange(T, dtype=frontier.dtype)[:, None]
+    t = time_index(proposal.shape[0])[:, None]  # global time when sequence-sharded
     bad = ~jnp.all(jnp.isfinite(proposal), axis=1, keepdims=True) | jnp.any(
         jnp.abs(proposal) > _explosion_bound(proposal.dtype), axis=1, keepdims=True
     )

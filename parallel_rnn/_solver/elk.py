@@ -28,9 +28,17 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from .._kalman import kalman_filter, kalman_smoother
-from .._misc import shift_right
 from .._problem import Problem
 from .._scan import Method, resolve_method
+from .._shard import (
+    before_first,
+    global_length,
+    sharded_over,
+    shift_right,
+    time_index,
+    time_sum,
+    update_at_time,
+)
 from .base import AbstractSolver, Iterate, safeguard
 
 
@@ -55,7 +63,7 @@ def _shifted_product(jac, d):
 
 def _half_sq_difference(a, b):
     """`½‖a‖² - ½‖b‖²`, computed as `½ Σ (a - b)(a + b)` to avoid cancellation."""
-    return 0.5 * jnp.sum((a - b) * (a + b))
+    return time_sum(0.5 * jnp.sum((a - b) * (a + b)))
 
 
 class _AbstractELK(AbstractSolver):
@@ -88,11 +96,16 @@ class _AbstractELK(AbstractSolver):
     def _relinearise_one(self, problem, iterate, states, idx):
         """`iterate.fs`/`jac` updated at time `idx` only, for `states` that differ
         from `iterate.states` at `idx - 1` only: one cell evaluation, not `T`."""
-        x = jax.tree_util.tree_map(lambda a: lax.dynamic_slice_in_dim(a, idx, 1), problem.inputs)
-        prev = jnp.where(idx == 0, problem.init, states[jnp.maximum(idx - 1, 0)])
-        f1, j1 = self.linearise(Problem(problem.fn, x, prev), states[:1])
-        fs = lax.dynamic_update_slice_in_dim(iterate.fs, f1, idx, 0)
-        jac = lax.dynamic_update_slice_in_dim(iterate.jac, j1, idx, 0)
+        # `idx` is a global time index; sequence-sharded, only its shard updates.
+        L = states.shape[0]
+        local = jnp.clip(idx - time_index(L)[0], 0, L - 1)
+        x = jax.tree_util.tree_map(lambda a: lax.dynamic_slice_in_dim(a, local, 1), problem.inputs)
+        first = before_first(states, problem.init)
+        prev = jnp.where(local == 0, first, states[jnp.maximum(local - 1, 0)])
+        with sharded_over(None):  # one step, on this shard
+            f1, j1 = self.linearise(Problem(problem.fn, x, prev), states[:1])
+        fs = update_at_time(iterate.fs, idx, f1[0])
+        jac = update_at_time(iterate.jac, idx, j1[0])
         return fs, jac
 
     def step(
@@ -101,7 +114,7 @@ class _AbstractELK(AbstractSolver):
         s, jac = iterate.states, iterate.jac
         T = s.shape[0]
         r = s - iterate.fs
-        t = jnp.arange(T, dtype=frontier.dtype)
+        t = time_index(T)  # global time when sequence-sharded
         # The LM step on the unsolved part only. Steps before the frontier are
         # exact and the frontier step is made exact (`δ_f = -r_f`): both are pinned
         # by an exact observation (λ_t = inf), so the smoother cannot move solved
@@ -120,7 +133,7 @@ class _AbstractELK(AbstractSolver):
         # step still advances the solved prefix. Only f at `frontier + 1` differs
         # from the current iterate's: one cell evaluation.
         minimal = safeguard(s, iterate, frontier)
-        idx = jnp.minimum(frontier + 1, T - 1)
+        idx = jnp.minimum(frontier + 1, global_length(T) - 1)
         fs_min, jac_min = self._relinearise_one(problem, iterate, minimal, idx)
 
         # Gain ratio: actual decrease of L = ½‖r‖² from the minimal step to the

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._rnn import _default_dtype
+from .._misc import default_dtype
 
 
 def _uniform(key, shape, bound, dtype):
@@ -62,7 +62,7 @@ class ParaGRU(eqx.Module):
         *,
         key: PRNGKeyArray,
     ):
-        dtype = _default_dtype(dtype)
+        dtype = default_dtype(dtype)
         k_ih, k_hh, k_b, k_bn = jax.random.split(key, 4)
         lim = 1 / math.sqrt(hidden_size)
         self.weight_ih = _uniform(k_ih, (3 * hidden_size, input_size), lim, dtype)
@@ -138,7 +138,7 @@ class ParaLSTM(eqx.Module):
         *,
         key: PRNGKeyArray,
     ):
-        dtype = _default_dtype(dtype)
+        dtype = default_dtype(dtype)
         k_ih, k_hh, k_b = jax.random.split(key, 3)
         lim = 1 / math.sqrt(hidden_size)
         D = hidden_size

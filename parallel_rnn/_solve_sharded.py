@@ -1,0 +1,347 @@
+"""`solve_sharded`: `solve_parallel` with the time axis (and a batch axis) split over a mesh."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+from jaxtyping import PyTree
+
+from ._adjoint import adjoint, parameter_cotangents
+from ._iterate import Outcome, iterate
+from ._problem import FlatCell, Problem
+from ._shard import sharded_over
+from ._solution import Solution
+from ._structure import flat_cell
+from ._solver.base import AbstractSolver
+from ._solver.deer import QuasiDEER
+from ._tolerance import default_tolerances
+from ._validate import check_cell, check_guess, check_inputs, check_state, normalise_options
+
+
+def _specs(tree: PyTree, spec: P) -> PyTree:
+    return jax.tree_util.tree_map(lambda _: spec, tree)
+
+
+# `check_vma=False` throughout: the closure-converted cell is checked against the
+# avals it was traced with, which carry no varying-axes annotation; and the
+# gradient is assembled explicitly here (the custom VJP is outside `shard_map`),
+# so the sums over shards are written out rather than inferred.
+
+
+class _Layout(eqx.Module):
+    """Where everything lives on the mesh (static)."""
+
+    mesh: Mesh = eqx.field(static=True)
+    axis: str = eqx.field(static=True)
+    batch: str | None = eqx.field(static=True)
+
+    def map(self, one: Callable, *args):
+        """`one` per sequence: vmapped over the local batch when there is one."""
+        return jax.vmap(one)(*args) if self.batch is not None else one(*args)
+
+    @property
+    def sequence(self) -> P:  # leaves with leading (batch,) time axes
+        return P(self.batch, self.axis) if self.batch is not None else P(self.axis)
+
+    @property
+    def per_sequence(self) -> P:  # leaves with a leading batch axis, if any
+        return P(self.batch) if self.batch is not None else P()
+
+
+class _Unchecked(eqx.Module):
+    """A closure-converted function, called without Equinox's argument check.
+
+    Inside `shard_map` the arguments' avals carry the manual mesh in their
+    sharding, so `eqx.filter_closure_convert`'s comparison with the example
+    arguments (traced outside) fails although shapes and dtypes agree. The
+    jaxpr is evaluated as Equinox does, after the same shape and dtype check.
+    """
+
+    converted: Any  # an Equinox closure-converted function
+
+    def __call__(self, *args):
+        conv = self.converted
+        if not hasattr(conv, "jaxpr"):  # nothing was closed over
+            return conv.fn(*args)
+        dynamic, static = eqx.partition(args, eqx.is_array)
+        leaves = jax.tree_util.tree_leaves(dynamic)
+        expected = jax.tree_util.tree_leaves(
+            jax.tree_util.tree_unflatten(*conv.in_dynamic_struct[::-1])
+        )
+        if [(x.shape, x.dtype) for x in leaves] != [(e.shape, e.dtype) for e in expected]:
+            raise ValueError("the cell was called with arguments unlike its example arguments")
+        out = jax.core.eval_jaxpr(conv.jaxpr, conv.consts, *leaves)
+        out_struct = jax.tree_util.tree_unflatten(*conv.out_dynamic_struct[::-1])
+        out = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_struct), out)
+        return eqx.combine(out, jax.tree_util.tree_unflatten(*conv.out_static[::-1]))
+
+
+def _local(fn: FlatCell) -> FlatCell:
+    wrap = lambda f: None if f is None else _Unchecked(f)
+    return FlatCell(
+        wrap(fn.cell), wrap(fn.diag), fn.spec, wrap(fn.value_and_diag), wrap(fn.value_and_jac)
+    )
+
+
+def _unlocal(fn: FlatCell) -> FlatCell:
+    """`_local` undone, on a cotangent of the flat cell."""
+    unwrap = lambda f: None if f is None else f.converted
+    return FlatCell(
+        unwrap(fn.cell),
+        unwrap(fn.diag),
+        fn.spec,
+        unwrap(fn.value_and_diag),
+        unwrap(fn.value_and_jac),
+    )
+
+
+def _split(problem: Problem):
+    fn_dyn, fn_static = eqx.partition(problem.fn, eqx.is_array)
+    return fn_dyn, fn_static
+
+
+def _forward(problem, guess, solver, rtol, atol, max_steps, trace, layout: _Layout) -> Outcome:
+    fn_dyn, fn_static = _split(problem)
+    solver_dyn, solver_static = eqx.partition(solver, eqx.is_array)
+
+    def body(fn_dyn, inputs, init, guess, solver_dyn):
+        fn = _local(eqx.combine(fn_dyn, fn_static))
+        solver_ = eqx.combine(solver_dyn, solver_static)
+
+        def one(inputs, init, guess):
+            with sharded_over(layout.axis, layout.batch):
+                return iterate(
+                    Problem(fn, inputs, init),
+                    solver_,
+                    guess,
+                    rtol=rtol,
+                    atol=atol,
+                    max_steps=max_steps,
+                    trace=trace,
+                )
+
+        return layout.map(one, inputs, init, guess)
+
+    seq, per = layout.sequence, layout.per_sequence
+    out_specs: Any = Outcome(seq, per, per, per, per if trace else None, per)  # type: ignore[arg-type]
+    in_specs = (P(), _specs(problem.inputs, seq), per, seq, P())
+    run = jax.shard_map(
+        body, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
+    return run(fn_dyn, problem.inputs, problem.init, guess, solver_dyn)
+
+
+def _backward(problem, states, cotangent, solver, rtol, atol, layout: _Layout):
+    fn_dyn, fn_static = _split(problem)
+    solver_dyn, solver_static = eqx.partition(solver, eqx.is_array)
+
+    def body(fn_dyn, inputs, init, states, cotangent, solver_dyn):
+        fn = _local(eqx.combine(fn_dyn, fn_static))
+        solver_ = eqx.combine(solver_dyn, solver_static)
+
+        def one(inputs, init, states, cotangent):
+            with sharded_over(layout.axis, layout.batch):
+                local = Problem(fn, inputs, init)
+                adj = adjoint(local, states, cotangent, solver_, rtol=rtol, atol=atol)
+                fn_bar, inputs_bar, init_bar = parameter_cotangents(local, states, adj.states)
+            fn_bar = _unlocal(fn_bar)
+            return fn_bar, inputs_bar, init_bar, adj.converged
+
+        fn_bar, inputs_bar, init_bar, converged = layout.map(one, inputs, init, states, cotangent)
+        if layout.batch is not None:
+            fn_bar = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), fn_bar)
+        # The parameters are replicated over the mesh and `s_0` over the time axis:
+        # their cotangents are the sums of every shard's contribution.
+        every = (layout.axis,) if layout.batch is None else (layout.axis, layout.batch)
+        fn_bar = jax.tree_util.tree_map(lambda g: lax.psum(g, every), fn_bar)
+        init_bar = lax.psum(init_bar, layout.axis)
+        return fn_bar, inputs_bar, init_bar, converged
+
+    seq, per = layout.sequence, layout.per_sequence
+    in_specs = (P(), _specs(problem.inputs, seq), per, seq, seq, P())
+    out_specs = (P(), _specs(problem.inputs, seq), per, per)
+    run = jax.shard_map(
+        body, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
+    return run(fn_dyn, problem.inputs, problem.init, states, cotangent, solver_dyn)
+
+
+_NOT_CONVERGED = (
+    "solve_sharded did not converge: the residual r_t = s_t - f(x_t, s_{t-1}) is still above "
+    "atol + rtol*|s_t| somewhere (see `Solution.result` with throw=False for the reason)."
+)
+_ADJOINT_NOT_CONVERGED = (
+    "the adjoint (backward) solve of solve_sharded did not converge; the gradient is not "
+    "reliable. Check the cotangents and parameters for NaN/inf."
+)
+
+
+@eqx.filter_custom_vjp
+def _solve(problem: Problem, guess, solver, rtol, atol, max_steps, trace, throw, layout):
+    del throw
+    return _forward(problem, guess, solver, rtol, atol, max_steps, trace, layout)
+
+
+@_solve.def_fwd
+def _solve_fwd(perturbed, problem, guess, solver, rtol, atol, max_steps, trace, throw, layout):
+    del perturbed
+    out = _solve.fn(problem, guess, solver, rtol, atol, max_steps, trace, throw, layout)
+    return out, out.states
+
+
+@_solve.def_bwd
+def _solve_bwd(
+    states, grad_obj, perturbed, problem, guess, solver, rtol, atol, max_steps, trace, throw, layout
+):
+    del perturbed, guess, max_steps, trace
+    cotangent = grad_obj.states
+    if cotangent is None:
+        return jax.tree_util.tree_map(lambda _: None, problem)
+    fn_bar, inputs_bar, init_bar, converged = _backward(
+        problem, states, cotangent, solver, rtol, atol, layout
+    )
+    if throw:
+        inputs_bar = _check(inputs_bar, converged, _ADJOINT_NOT_CONVERGED)
+    return Problem(fn_bar, inputs_bar, init_bar)
+
+
+def _check(tree: PyTree, converged, message: str) -> PyTree:
+    """`eqx.error_if(tree, ~converged, message)`, with the check on a scalar.
+
+    On a sharded array the check's conditional is placed on one device, which
+    gathers the whole trajectory there; on a scalar it costs nothing, and adding
+    `0 *` the checked scalar keeps the trajectory dependent on it.
+    """
+    ok = jnp.min(lax.stop_gradient(converged).astype(jnp.int32)) > 0
+    flag = lax.stop_gradient(eqx.error_if(jnp.zeros((), jnp.float32), ~ok, message))
+
+    def tie(x):
+        if not eqx.is_inexact_array(x):
+            return x
+        return x + flag.astype(x.dtype)  # flag is 0: only the dependency matters
+
+    return jax.tree_util.tree_map(tie, tree)
+
+
+def _axis_size(mesh: Mesh, name: str, argument: str) -> int:
+    if name not in mesh.shape:
+        raise ValueError(
+            f"`{argument}`={name!r} is not an axis of `mesh` (axes: {tuple(mesh.shape)})"
+        )
+    return int(mesh.shape[name])
+
+
+@eqx.filter_jit
+def solve_sharded(
+    cell: Callable,
+    inputs: PyTree,
+    init_state: PyTree,
+    solver: AbstractSolver = QuasiDEER(),
+    *,
+    mesh: Mesh,
+    axis_name: str,
+    batch_axis: str | None = None,
+    guess: PyTree | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int | None = None,
+    throw: bool = True,
+    trace: bool = False,
+) -> Solution:
+    """`solve_parallel` with the time axis split over the mesh axis `axis_name`.
+
+    Every device of the mesh axis `axis_name` (size `P`) holds `T/P` consecutive
+    time steps of the inputs, the trajectory and its Jacobians, and runs the
+    solver's iteration on them; boundary states, per-shard summaries of the linear
+    recurrences and the convergence test are exchanged with collectives (see
+    `docs/scaling.md`). The iterates, the iteration count and the gradients are
+    those of `solve_parallel` up to round-off.
+
+    **Arguments:** as `solve_parallel`, plus
+
+    - `mesh`: a `jax.sharding.Mesh` (one host or many, after
+      `jax.distributed.initialize`).
+    - `axis_name`: the mesh axis the time axis is split over. `T` must be a
+      multiple of its size.
+    - `batch_axis`: optional mesh axis for a batch of sequences: then every leaf
+      of `inputs` (and of `guess`) is `(B, T, ...)` and of `init_state` `(B, ...)`,
+      `B` a multiple of the axis size, and every field of the `Solution` gets a
+      leading `B`. Each sequence has its own iteration count and convergence flag.
+
+    Place large inputs with `jax.device_put(x, NamedSharding(mesh, P(batch_axis,
+    axis_name)))` before the call, so that no device ever holds the whole sequence.
+    Reverse-mode differentiable like `solve_parallel`; the adjoint recurrence runs
+    over the same shards.
+    """
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(f"`solver` must be a parallel_rnn solver (e.g. DEER()); got {solver!r}")
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh; got {mesh!r}")
+    n_time = _axis_size(mesh, axis_name, "axis_name")
+    rtol, atol, max_steps = normalise_options(rtol, atol, max_steps)
+    per_sequence = lambda tree: tree
+    if batch_axis is not None:
+        if batch_axis == axis_name:
+            raise ValueError("`batch_axis` and `axis_name` must be different mesh axes")
+        n_batch = _axis_size(mesh, batch_axis, "batch_axis")
+        B = check_inputs(inputs)
+        init_leaves = jax.tree_util.tree_leaves(init_state)
+        if any(jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != B for leaf in init_leaves):
+            raise ValueError(
+                f"with `batch_axis`, every leaf of `init_state` needs the leading batch axis "
+                f"B = {B} of `inputs`; got shapes {[jnp.shape(x) for x in init_leaves]}"
+            )
+        if B % n_batch:
+            raise ValueError(
+                f"the batch size B = {B} of `inputs` must be a multiple of the size "
+                f"{n_batch} of the mesh axis `batch_axis`={batch_axis!r}"
+            )
+        per_sequence = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
+    T = check_inputs(per_sequence(inputs))
+    if T % n_time:
+        raise ValueError(
+            f"the number of time steps T = {T} of `inputs` must be a multiple of the size "
+            f"{n_time} of the mesh axis `axis_name`={axis_name!r} (each device holds T/{n_time} "
+            "steps). Pad the sequence at its end (the padded steps do not change the earlier "
+            "ones) or pick a T that divides."
+        )
+    init_one = per_sequence(init_state)
+    spec = check_state(init_one)
+    x_0 = jax.tree_util.tree_map(lambda x: x[0], per_sequence(inputs))
+    check_cell(cell, x_0, init_one)
+    default_rtol, default_atol = default_tolerances(spec.dtype)
+    rtol = default_rtol if rtol is None else float(rtol)
+    atol = default_atol if atol is None else float(atol)
+    max_steps = T if max_steps is None else max_steps
+
+    ravel, ravel_trajectory = spec.ravel, spec.ravel_trajectory
+    unravel_trajectory = spec.unravel_trajectory
+    if batch_axis is not None:
+        ravel, ravel_trajectory = jax.vmap(ravel), jax.vmap(ravel_trajectory)
+        unravel_trajectory = jax.vmap(unravel_trajectory)
+    s0 = ravel(init_state)
+    if guess is None:
+        guess_flat = jnp.broadcast_to(s0[..., None, :], (*s0.shape[:-1], T, spec.size))
+    else:
+        check_guess(per_sequence(guess), init_one, T)
+        guess_flat = ravel_trajectory(guess)
+    guess_flat = jax.lax.stop_gradient(guess_flat)
+
+    layout = _Layout(mesh, axis_name, batch_axis)
+    problem = Problem(flat_cell(cell, x_0, init_one, spec), inputs, s0)
+    out = _solve(problem, guess_flat, solver, rtol, atol, max_steps, trace, throw, layout)
+    states = out.states
+    if throw:
+        states = _check(states, out.converged, _NOT_CONVERGED)
+    return Solution(
+        unravel_trajectory(states),
+        out.num_steps,
+        out.converged,
+        out.residual,
+        out.trace,
+        out.result,
+    )
