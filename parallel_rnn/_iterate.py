@@ -6,8 +6,8 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from ._problem import Problem
-from ._solution import RESULTS
 from ._shard import globalise_status, lockstep
+from ._solution import RESULTS
 from ._solver.base import AbstractSolver, Iterate
 
 

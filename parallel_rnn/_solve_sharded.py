@@ -15,9 +15,9 @@ from ._iterate import Outcome, iterate
 from ._problem import FlatCell, Problem
 from ._shard import sharded_over
 from ._solution import Solution
-from ._structure import flat_cell
 from ._solver.base import AbstractSolver
 from ._solver.deer import QuasiDEER
+from ._structure import flat_cell
 from ._tolerance import default_tolerances
 from ._validate import check_cell, check_guess, check_inputs, check_state, normalise_options
 
