@@ -200,7 +200,9 @@ def tangent(
         flat, (problem.inputs, problem.shift(states), rhs / scale), jnp.zeros((D,), states.dtype)
     )
     tan_solver = (
-        DEER(scan=solver.scan) if solver.jacobian == "dense" else QuasiDEER(scan=solver.scan)
+        DEER(scan=solver.scan, globalise=False)
+        if solver.jacobian == "dense"
+        else QuasiDEER(scan=solver.scan)
     )
     out = iterate(
         tan_problem,

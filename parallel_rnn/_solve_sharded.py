@@ -16,7 +16,7 @@ from ._problem import FlatCell, Problem
 from ._shard import sharded_over
 from ._solution import Solution
 from ._solver.base import AbstractSolver
-from ._solver.deer import QuasiDEER
+from ._solver.deer import DEER
 from ._structure import flat_cell
 from ._tolerance import default_tolerances
 from ._validate import check_cell, check_guess, check_inputs, check_state, normalise_options
@@ -240,7 +240,7 @@ def solve_sharded(
     cell: Callable,
     inputs: PyTree,
     init_state: PyTree,
-    solver: AbstractSolver = QuasiDEER(),
+    solver: AbstractSolver = DEER(),
     *,
     mesh: Mesh,
     axis_name: str,

@@ -9,7 +9,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from .._problem import Problem
 from .._scan import Method
-from .._shard import time_index
+from .._shard import time_index, time_max
 
 
 class Iterate(eqx.Module):
@@ -97,6 +97,12 @@ def safeguard(
     out = jnp.where(bad | (t < frontier), iterate.states, proposal)
     exact = jnp.where(jnp.isfinite(iterate.fs), iterate.fs, iterate.states)
     return jnp.where(t == frontier, exact, out)
+
+
+def max_residual(states: Float[Array, "T D"], fs: Float[Array, "T D"]) -> Float[Array, ""]:
+    """`max_t |s_t - f_t|` over the whole (possibly sharded) trajectory; `inf` if not finite."""
+    r = jnp.abs(states - fs)
+    return time_max(jnp.max(jnp.where(jnp.isfinite(r), r, jnp.inf)))
 
 
 class AbstractLinearisedSolver(AbstractSolver):

@@ -39,13 +39,19 @@ from .._shard import (
     time_sum,
     update_at_time,
 )
-from .base import AbstractSolver, Iterate, safeguard
+from .base import AbstractSolver, Iterate, max_residual, safeguard
 
 
 # λ is kept in this range: above it the step is negligible anyway (the safeguard
 # still advances one time step per iteration), below it the step is DEER's to
 # working precision; ν is capped so that repeated rejections cannot overflow.
 _LAMBDA_MIN, _LAMBDA_MAX, _NU_MAX = 1e-9, 1e9, 2.0**20
+# The residual rule's range. Its upper end is low on purpose: in the filter form
+# λ caps how far an unstable linearisation may amplify the step (by about
+# 1/sqrt(λ)), and λ = 0.1 (about 3x) is already strong damping; letting λ grow
+# further turned every iteration into the minimal one-step advance (measured: ~T
+# iterations on the unstable GRU and Lorenz96 cases of experiments/convergence.py).
+_RESIDUAL_LAMBDA_MIN, _RESIDUAL_LAMBDA_MAX = 1e-9, 1e-1
 
 
 class _DampingState(eqx.Module):
@@ -70,7 +76,7 @@ class _AbstractELK(AbstractSolver):
     """Shared step of `ELK` and `QuasiELK`; they differ in the Jacobian structure."""
 
     damping: eqx.AbstractVar[float]
-    adaptive: eqx.AbstractVar[bool]
+    adaptive: eqx.AbstractVar[bool | Literal["residual", "gain_ratio"]]
     posterior: eqx.AbstractVar[Literal["smoother", "filter"]]
     scan: eqx.AbstractVar[Method]
 
@@ -78,6 +84,11 @@ class _AbstractELK(AbstractSolver):
         damping = self.damping
         if isinstance(damping, (int, float)) and not (0 <= damping < float("inf")):
             raise ValueError(f"`damping` must be a finite number >= 0, got {damping!r}")
+        if self.adaptive not in (False, True, "residual", "gain_ratio"):
+            raise ValueError(
+                "`adaptive` must be 'residual', 'gain_ratio', True (= 'gain_ratio') or False, "
+                f"got {self.adaptive!r}"
+            )
         if self.posterior not in ("smoother", "filter"):
             raise ValueError(f"`posterior` must be 'smoother' or 'filter', got {self.posterior!r}")
         resolve_method(self.scan)  # raises on an unknown method
@@ -127,6 +138,16 @@ class _AbstractELK(AbstractSolver):
         fs_new, jac_new = self.linearise(problem, proposal)
         if not self.adaptive:
             return Iterate(proposal, fs_new, jac_new), state
+        if self.adaptive == "residual":
+            # Always accept (the safeguard has already made the step safe and one
+            # step longer); halve λ when the max-norm residual did not grow, double
+            # it when it did. Rejecting steps or the global ½‖r‖² merit wasted
+            # iterations: far from the frontier the residual of a useful step can
+            # still grow for a while.
+            improved = max_residual(proposal, fs_new) <= max_residual(s, iterate.fs)
+            lam = jnp.where(improved, state.lam / 2, state.lam * 2)
+            lam = jnp.clip(lam, _RESIDUAL_LAMBDA_MIN, _RESIDUAL_LAMBDA_MAX)
+            return Iterate(proposal, fs_new, jac_new), _DampingState(lam.astype(s.dtype), state.nu)
 
         # The minimal safe step (λ = inf: only the frontier made exact) is both the
         # base point of the gain ratio and the fallback on rejection, so a rejected
@@ -162,24 +183,30 @@ class _AbstractELK(AbstractSolver):
 _ARGS_DOC = """
     **Arguments:**
 
-    - `damping`: the initial LM damping `λ >= 0`, default `1e-3` (with
+    - `damping`: the LM damping `λ >= 0` to start from, default `1e-3` (with
       `adaptive=False`, the fixed one; `0` is then the undamped DEER step). It is
-      the observation precision of the Kalman model, `λ = 1/σ²` in the published code's `sigmasq`.
-    - `adaptive`: adapt `λ` every iteration by the standard LM gain-ratio rule
-      (Nielsen) on the merit `L = ½‖r‖²`: with `ρ` the actual over the predicted
-      decrease of `L`, accept if `ρ > 0` and set `λ ← λ·max(1/3, 1 - (2ρ-1)³)`,
-      `ν ← 2`; otherwise reject and set `λ ← λν`, `ν ← 2ν`. `λ` stays in
-      `[1e-9, 1e9]`. Default `False`: see `posterior`.
+      the observation precision of the Kalman model, `λ = 1/σ²` in the published
+      code's `sigmasq`. In the filter form it caps how much an unstable
+      linearisation may amplify the step: by about `1/sqrt(λ)`.
+    - `adaptive`: how `λ` changes between iterations.
+        - `"residual"` (default): every step is taken; `λ` is halved when the
+          max-norm residual did not grow and doubled when it did, within
+          `[1e-9, 0.1]`. No tuning: on trained and chaotic models it needed no
+          more iterations than the best fixed `λ` of a sweep (see
+          `docs/how-to-choose.md`), whose best value moves over six decades from
+          model to model.
+        - `"gain_ratio"` (or `True`): the textbook LM trust region (Nielsen) on
+          `L = ½‖r‖²`: with `ρ` the actual over the predicted decrease of `L`,
+          accept if `ρ > 0` and set `λ ← λ·max(1/3, 1 - (2ρ-1)³)`, `ν ← 2`;
+          otherwise reject and set `λ ← λν`, `ν ← 2ν`; `λ` in `[1e-9, 1e9]`. Meant
+          for `posterior="smoother"`; it needed ~T iterations on unstable cells.
+        - `False`: `λ = damping` throughout.
     - `posterior`: `"filter"` (default) takes the filtered mean, as the published
       ELK code does; `"smoother"` takes the smoothed mean, the exact LM step (use
       it with `adaptive=True` for a textbook trust-region LM). The filter has the
       same fixed point but is not the LM minimiser, so the gain ratio is then
       only a heuristic. Being causal, the filter never trades residuals near the
-      frontier for residuals later on; on the unstable and chaotic cases of
-      `experiments/convergence.py` the filter with the fixed default `λ = 1e-3`
-      needed far fewer iterations than DEER (unstable GRU, T=300: 50 vs 116;
-      Lorenz96: 58 vs 249), while the adaptive smoother needed ~T (see
-      `docs/how-to-choose.md`). That measurement is why it is the default.
+      frontier for residuals later on, which is why it is the default.
     - `scan`: `"auto"` (sequential on CPU, associative elsewhere), `"associative"`
       or `"sequential"`: how the Kalman recursions are evaluated. The gradient's
       adjoint recurrence uses it too.
@@ -217,7 +244,7 @@ class ELK(_AbstractELK):
     )
 
     damping: float = 1e-3
-    adaptive: bool = False
+    adaptive: bool | Literal["residual", "gain_ratio"] = "residual"
     posterior: Literal["smoother", "filter"] = "filter"
     scan: Method = "auto"
     jacobian = "dense"
@@ -234,7 +261,7 @@ class QuasiELK(_AbstractELK):
     )
 
     damping: float = 1e-3
-    adaptive: bool = False
+    adaptive: bool | Literal["residual", "gain_ratio"] = "residual"
     posterior: Literal["smoother", "filter"] = "filter"
     scan: Method = "auto"
     jacobian = "diagonal"
