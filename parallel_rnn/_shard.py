@@ -255,7 +255,7 @@ def linear_recurrence(
     axis = sequence_axis()
     assert axis is not None
     with sharded_over(None):
-        x = solve(A, b)
+        x = solve(A, b)  # pyright: ignore[reportArgumentType]
     backwards = reverse or kind == "transposed"
     if kind == "transposed":
         assert A is not None
@@ -282,7 +282,7 @@ def linear_recurrence(
     boundary = _shard_index(axis) == (_shards(axis) - 1 if backwards else 0)
     b = b.at[edge].add(jnp.where(boundary, jnp.zeros_like(push), push))
     with sharded_over(None):
-        return solve(A, b)
+        return solve(A, b)  # pyright: ignore[reportArgumentType]
 
 
 def before_first(x: Float[Array, "L ..."], first: Float[Array, "..."]) -> Float[Array, "..."]:

@@ -74,7 +74,7 @@ class _Unchecked(eqx.Module):
         )
         if [(x.shape, x.dtype) for x in leaves] != [(e.shape, e.dtype) for e in expected]:
             raise ValueError("the cell was called with arguments unlike its example arguments")
-        out = jax.core.eval_jaxpr(conv.jaxpr, conv.consts, *leaves)
+        out = jax.core.eval_jaxpr(conv.jaxpr, conv.consts, *leaves)  # pyright: ignore[reportAttributeAccessIssue]
         out_struct = jax.tree_util.tree_unflatten(*conv.out_dynamic_struct[::-1])
         out = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_struct), out)
         return eqx.combine(out, jax.tree_util.tree_unflatten(*conv.out_static[::-1]))
@@ -83,7 +83,11 @@ class _Unchecked(eqx.Module):
 def _local(fn: FlatCell) -> FlatCell:
     wrap = lambda f: None if f is None else _Unchecked(f)
     return FlatCell(
-        wrap(fn.cell), wrap(fn.diag), fn.spec, wrap(fn.value_and_diag), wrap(fn.value_and_jac)
+        wrap(fn.cell),
+        wrap(fn.diag),
+        fn.spec,
+        wrap(fn.value_and_diag),
+        wrap(fn.value_and_jac),  # pyright: ignore[reportArgumentType]
     )
 
 
@@ -91,7 +95,7 @@ def _unlocal(fn: FlatCell) -> FlatCell:
     """`_local` undone, on a cotangent of the flat cell."""
     unwrap = lambda f: None if f is None else f.converted
     return FlatCell(
-        unwrap(fn.cell),
+        unwrap(fn.cell),  # pyright: ignore[reportArgumentType]
         unwrap(fn.diag),
         fn.spec,
         unwrap(fn.value_and_diag),

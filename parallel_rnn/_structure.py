@@ -157,7 +157,7 @@ def flat_cell(cell: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) 
     convert = lambda f: eqx.filter_closure_convert(f, x_t, init_state)  # noqa: E731
     rule = jacobian_rule(cell)
     bind = lambda f: None if f is None else functools.partial(f, cell)  # noqa: E731
-    both, blocks, dense = map(
+    both, blocks, dense = map(  # pyright: ignore[reportAssignmentType]
         bind, (rule.value_and_diagonal, rule.value_and_blocks, rule.value_and_jacobian)
     )
     if both is None and blocks is not None:

@@ -184,7 +184,7 @@ def check_guess(guess: PyTree, init_state: PyTree, T: int) -> None:
 
 def _number(name: str, value, integer: bool):
     """A Python or NumPy scalar (or a concrete 0-d array) as a Python number."""
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
         raise TypeError(
             f"`{name}` must be a static number (Python or NumPy scalar), not a traced "
             f"array; got {value!r}"
@@ -213,4 +213,4 @@ def normalise_options(rtol, atol, max_steps) -> tuple[float | None, float | None
         max_steps = _number("max_steps", max_steps, integer=True)
         if max_steps < 1:
             raise ValueError(f"`max_steps` must be a positive int or None; got {max_steps!r}")
-    return out[0], out[1], max_steps
+    return out[0], out[1], max_steps  # pyright: ignore[reportReturnType]

@@ -123,7 +123,7 @@ def _gru_coefficients(cell: eqx.nn.GRUCell, input_t, h):
     h_r, h_z, h_n = jnp.split(cell.weight_hh @ h, 3)
     r = jax.nn.sigmoid(i_r + h_r)
     z = jax.nn.sigmoid(i_z + h_z)
-    c_n = h_n + bias_n
+    c_n = h_n + bias_n  # pyright: ignore[reportOperatorIssue]
     n = jnp.tanh(i_n + r * c_n)
     new = n + z * (h - n)
     dn = (1 - z) * (1 - n**2)
