@@ -83,7 +83,7 @@ class _Unchecked(eqx.Module):
 def _local(fn: FlatCell) -> FlatCell:
     wrap = lambda f: None if f is None else _Unchecked(f)
     return FlatCell(
-        wrap(fn.cell),
+        wrap(fn.cell),  # pyright: ignore[reportArgumentType]
         wrap(fn.diag),
         fn.spec,
         wrap(fn.value_and_diag),
