@@ -63,7 +63,7 @@ def iterate(
     """
     # With certification the loop aims at half the tolerance: a fused
     # `value_and_*` may differ from the plain cell by a few ulps, and at float32's
-    # default tolerance (8·eps) that alone would leave a solve that met the
+    # default tolerance (32·eps) that alone would leave a solve that met the
     # tolerance by the fused values just outside it by the cell's own.
     margin = 0.5 if certify else 1.0
     loop_rtol, loop_atol = margin * rtol, margin * atol

@@ -124,7 +124,7 @@ def solve_parallel(
       where `init_state` itself is not finite), so the returned states are finite
       whatever the guess.
     - `rtol`, `atol`: converged when `|r_t| <= atol + rtol |s_t|` elementwise for
-      every `t`. Defaults: `8·eps` ≈ `9.5e-7` for float32, `1e-10` for float64. Python or NumPy
+      every `t`. Defaults: `32·eps` ≈ `3.8e-6` for float32, `1e-10` for float64. Python or NumPy
       scalars (static: a new value recompiles).
     - `max_steps`: iteration cap (Python or NumPy integer), default `T` (every
       solver converges within `T`).
