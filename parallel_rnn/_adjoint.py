@@ -67,6 +67,21 @@ def _flip(tree):
     return jax.tree_util.tree_map(flip_time, tree)
 
 
+def _unit_scale(x: Float[Array, "T D"]) -> Float[Array, ""]:
+    """`max|x|` over the whole (possibly sharded) trajectory, or 1 if 0 or not finite.
+
+    The linear solves run on `x / scale` and scale back, so that `atol` means the
+    same thing whatever the size of the right-hand side (see `adjoint`)."""
+    scale = time_max(jnp.max(jnp.abs(x)))
+    return jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1).astype(x.dtype)
+
+
+def _linear_problem(cell, has_diag: bool, inputs, states: Float[Array, "T D"]) -> Problem:
+    """`cell` (an adjoint or tangent cell, linear in its state) as a `Problem` from 0."""
+    flat = FlatCell(cell, cell.diagonal if has_diag else None, make_spec(states[0]))
+    return Problem(flat, inputs, jnp.zeros_like(states[0]))
+
+
 class _DenseAdjoint(AbstractSolver):
     """Newton on `λ_t = s̄_t + A_{t+1}ᵀ λ_{t+1}` with the `A_t` held fixed.
 
@@ -116,9 +131,8 @@ def adjoint(
     back makes `atol` mean the same thing for every loss, instead of accepting
     `λ = 0` whenever all cotangents fall below it.
     """
-    T, D = states.shape
-    scale = time_max(jnp.max(jnp.abs(cotangent)))
-    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1).astype(states.dtype)
+    T = states.shape[0]
+    scale = _unit_scale(cotangent)
     cotangent = cotangent / scale
     if solver.jacobian == "dense":
         _, A = problem.linearise_exact(states)  # dense, or the cell's exact structure
@@ -150,15 +164,12 @@ def _adjoint_problem(
     problem: Problem, states: Float[Array, "T D"], cotangent: Float[Array, "T D"]
 ) -> Problem:
     """The adjoint recurrence as a cell on reversed time, for the quasi solvers."""
-    T, D = states.shape
+    T = states.shape[0]
     x_next = jax.tree_util.tree_map(lambda x: shift_left(x, x[-1]), problem.inputs)
     valid = time_index(T) < global_length(T) - 1
     adj_inputs = _flip((x_next, states, cotangent, valid))
-
-    cell = _AdjointCell(problem.fn)
     has_diag = problem.fn.diag is not None
-    flat = FlatCell(cell, cell.diagonal if has_diag else None, make_spec(states[0]))
-    return Problem(flat, adj_inputs, jnp.zeros((D,), states.dtype))
+    return _linear_problem(_AdjointCell(problem.fn), has_diag, adj_inputs, states)
 
 
 class _TangentCell(eqx.Module):
@@ -190,15 +201,11 @@ def tangent(
 
     Scaled by `max|rhs|` for the same reason as `adjoint`.
     """
-    T, D = states.shape
-    scale = jnp.max(jnp.abs(rhs))
-    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1).astype(states.dtype)
-    cell = _TangentCell(problem.fn)
+    T = states.shape[0]
+    scale = _unit_scale(rhs)
     has_diag = problem.fn.diag is not None
-    flat = FlatCell(cell, cell.diagonal if has_diag else None, make_spec(states[0]))
-    tan_problem = Problem(
-        flat, (problem.inputs, problem.shift(states), rhs / scale), jnp.zeros((D,), states.dtype)
-    )
+    tan_inputs = (problem.inputs, problem.shift(states), rhs / scale)
+    tan_problem = _linear_problem(_TangentCell(problem.fn), has_diag, tan_inputs, states)
     tan_solver = (
         DEER(scan=solver.scan, globalise=False)
         if solver.jacobian == "dense"
