@@ -147,6 +147,27 @@ def time_max(x: Array) -> Array:
     return x if axis is None else lax.pmax(x, axis)
 
 
+def time_min(x: Array) -> Array:
+    """Minimum over the whole time axis of a per-shard minimum."""
+    axis = sequence_axis()
+    return x if axis is None else lax.pmin(x, axis)
+
+
+def cumulative_max(x: Float[Array, " L"], reverse: bool = False) -> Float[Array, " L"]:
+    """Running maximum along the whole (possibly sharded) time axis; `reverse`: from the end."""
+    local = lax.cummax(x, axis=0, reverse=reverse)
+    axis = sequence_axis()
+    if axis is None:
+        return local
+    # Each shard's own maximum, gathered: the running maximum entering a shard is
+    # the largest of those before it (after it, in reverse).
+    totals = lax.all_gather(local[0] if reverse else local[-1], axis)
+    shard = jnp.arange(totals.shape[0], dtype=jnp.int32)
+    i = _shard_index(axis)
+    earlier = shard > i if reverse else shard < i
+    return jnp.maximum(local, jnp.max(jnp.where(earlier, totals, -jnp.inf)))
+
+
 def time_sum(x: Array) -> Array:
     """Sum over the whole time axis of a per-shard sum."""
     axis = sequence_axis()
