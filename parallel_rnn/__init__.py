@@ -3,10 +3,12 @@
 import importlib.metadata
 
 from . import cells as cells
+from ._gated import GatedJacobian as GatedJacobian
 from ._lyapunov import lyapunov_exponent as lyapunov_exponent
 from ._scan import (
     block_recurrence as block_recurrence,
     dense_recurrence as dense_recurrence,
+    gated_recurrence as gated_recurrence,
     diagonal_recurrence as diagonal_recurrence,
     linear_recurrence as linear_recurrence,
 )

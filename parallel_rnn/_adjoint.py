@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
+from ._gated import GatedJacobian
 from ._iterate import Outcome, iterate
 from ._problem import FlatCell, Problem, make_spec
 from ._scan import Method, transposed_recurrence
@@ -93,7 +94,8 @@ class _DenseAdjoint(AbstractSolver):
     Newton steps, so an inexact one costs iterations, never a wrong gradient.
     """
 
-    A: Float[Array, "T D D"]  # A_t = ∂f/∂s(x_t, s*_{t-1}), forward time
+    # A_t = ∂f/∂s(x_t, s*_{t-1}), forward time: dense, gated or the declared structure
+    A: Array | GatedJacobian
     cotangent: Float[Array, "T D"]  # forward time
     transpose: Callable  # λ ↦ (A_tᵀ λ_t)_t, forward time
     scan: Method

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
+from ._gated import GatedJacobian, vmap_gated
 from ._shard import shift_right
 
 
@@ -73,6 +74,8 @@ class FlatCell(eqx.Module):
     the new state and the `(n, k, k)` diagonal blocks of that Jacobian, and
     `structure` says whether the diagonal or the blocks are the exact Jacobian
     (`"diagonal"`, `"block"`) or approximations of a `"dense"` one (`_structure.py`).
+    `gated` returns the new state and the dense Jacobian as a one-step
+    `GatedJacobian` (`_gated.py`).
     """
 
     cell: Callable
@@ -81,6 +84,7 @@ class FlatCell(eqx.Module):
     value_and_diag: Callable | None = None
     value_and_jac: Callable | None = None
     blocks: Callable | None = None
+    gated: Callable | None = None
     structure: str = eqx.field(static=True, default="dense")
 
     def __call__(self, x_t: PyTree, s: Float[Array, " D"]) -> Float[Array, " D"]:
@@ -119,6 +123,9 @@ class Problem(eqx.Module):
         self, states: Float[Array, "T D"]
     ) -> tuple[Float[Array, "T D"], Float[Array, "T D D"]]:
         """`f(x_t, s_{t-1})` and `A_t = ∂f/∂s(x_t, s_{t-1})`, sharing one primal pass."""
+        if self.fn.value_and_jac is None and self.fn.gated is not None:
+            fs, gated = self.linearise_gated(states)
+            return fs, gated.dense()
         value_and_jac = self.fn.value_and_jac
         if value_and_jac is not None:
             spec = self.fn.spec
@@ -143,6 +150,18 @@ class Problem(eqx.Module):
 
         return jax.vmap(one)(self.inputs, self.shift(states))
 
+    def linearise_gated(self, states: Float[Array, "T D"]) -> tuple[Float[Array, "T D"], GatedJacobian]:
+        """`f` and `A_t` in the factored form of a gated cell: `O(T·D·K)` memory."""
+        gated, spec = self.fn.gated, self.fn.spec
+        if gated is None:
+            raise ValueError("this cell has no closed-form gated Jacobian")
+
+        def one(x, s):
+            value, jac = gated(x, spec.unravel(s))
+            return spec.ravel(value), jac.astype(spec.dtype)
+
+        return vmap_gated(one, self.inputs, self.shift(states))
+
     def linearise_diagonal(
         self, states: Float[Array, "T D"]
     ) -> tuple[Float[Array, "T D"], Float[Array, "T D"]]:
@@ -160,13 +179,18 @@ class Problem(eqx.Module):
         fs = jax.vmap(self.fn)(self.inputs, prev)
         return fs, self.diagonal_at(prev)
 
-    def linearise_exact(self, states: Float[Array, "T D"]) -> tuple[Float[Array, "T D"], Array]:
+    def linearise_exact(
+        self, states: Float[Array, "T D"]
+    ) -> tuple[Float[Array, "T D"], Array | GatedJacobian]:
         """`f` and the exact Jacobian in the cell's declared structure: `(T, D)` for a
-        diagonal cell, `(T, n, k, k)` for a block-diagonal one, else `(T, D, D)`."""
+        diagonal cell, `(T, n, k, k)` for a block-diagonal one, a `GatedJacobian` for a
+        cell with that closed form, else `(T, D, D)`."""
         if self.fn.structure == "diagonal":
             return self.linearise_diagonal(states)
         if self.fn.structure == "block":
             return self.linearise_blocks(states, None)
+        if self.fn.gated is not None:
+            return self.linearise_gated(states)
         return self.linearise_dense(states)
 
     def linearise_blocks(
@@ -186,7 +210,7 @@ class Problem(eqx.Module):
                 return jax.vmap(spec.ravel)(value), blocks.astype(spec.dtype)
         if k is None:
             raise ValueError("this cell has no closed-form Jacobian blocks")
-        if self.fn.value_and_jac is not None:
+        if self.fn.value_and_jac is not None or self.fn.gated is not None:
             fs, jac = self.linearise_dense(states)
             return fs, dense_to_blocks(jac, k)
         fs = jax.vmap(self.fn)(self.inputs, prev)

@@ -2,9 +2,10 @@
 
 Forward in time (`x_0 = 0`, so `x_1 = b_1`) or, with `reverse=True`, backward
 (`x_{T+1} = 0`, `x_t = A_t x_{t+1} + b_t`), which is what the adjoint needs.
-`A_t` is dense `(T, D, D)`, diagonal `(T, D)`, or block-diagonal `(T, n, k, k)`
-(`D = k·n`, block `j` acting on the entries `j, n+j, …, (k-1)n+j`);
-`linear_recurrence` dispatches on the number of axes.
+`A_t` is dense `(T, D, D)`, diagonal `(T, D)`, block-diagonal `(T, n, k, k)`
+(`D = k·n`, block `j` acting on the entries `j, n+j, …, (k-1)n+j`), or a gated
+cell's factored dense Jacobian (`GatedJacobian`, `_gated.py`);
+`linear_recurrence` dispatches on the type and the number of axes.
 
 Two evaluation orders give the same answer:
 
@@ -26,6 +27,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from . import _shard
+from ._gated import GatedJacobian, step_products
 from ._misc import HIGHEST as _HIGHEST, matvec as _matvec
 from ._shard import shift_left
 
@@ -106,20 +108,22 @@ def dense_recurrence(
 
 
 def transposed_recurrence(
-    A: Float[Array, "T ..."],
+    A: Float[Array, "T ..."] | GatedJacobian,
     b: Float[Array, "T D"],
     *,
     method: Method = "auto",
 ) -> Float[Array, "T D"]:
     """Solve `x_t = b_t + A_{t+1}ᵀ x_{t+1}` backwards (`x_T = b_T`; `A[0]` unused).
 
-    `A` dense `(T, D, D)`, or diagonal / block-diagonal as for `linear_recurrence`.
+    `A` dense `(T, D, D)`, or diagonal / block-diagonal / gated as for `linear_recurrence`.
 
     The adjoint of `dense_recurrence` (`λ_t = s̄_t + A_{t+1}ᵀ λ_{t+1}`), taking the
     forward Jacobians as they are, unshifted and untransposed: no copy of the
     `(T, D, D)` array is made. Through `μ_t = A_tᵀ x_t` it is the reverse
     recurrence `μ_t = A_tᵀ μ_{t+1} + A_tᵀ b_t`, and `x_t = b_t + μ_{t+1}`.
     """
+    if isinstance(A, GatedJacobian):
+        return _transposed_gated(A, b, method)
     if A.ndim != 3:
         return _transposed_structured(A, b, method)
     if _shard.sequence_axis() is not None:
@@ -213,15 +217,43 @@ def block_recurrence(
     return _from_blocks(xs)
 
 
-def linear_recurrence(
-    A: Float[Array, "T ..."],
+def gated_recurrence(
+    A: GatedJacobian,
     b: Float[Array, "T D"],
     *,
     reverse: bool = False,
     method: Method = "auto",
 ) -> Float[Array, "T D"]:
-    """`x_t = A_t x_{t-1} + b_t` for `A` diagonal `(T, D)`, dense `(T, D, D)` or
-    block-diagonal `(T, n, k, k)`."""
+    """`x_t = A_t x_{t-1} + b_t` (`x_0 = 0`) with `A_t` in gated form, `O(T·D·K)` memory.
+
+    Sequentially each step is one matvec with the stacked weights plus elementwise
+    work, and no `D×D` matrix is formed. The associative scan (and the
+    sequence-sharded one) combine dense matrices, so there `A` is densified.
+    """
+    if _shard.sequence_axis() is not None or resolve_method(method) == "associative":
+        return dense_recurrence(A.dense(), b, reverse=reverse, method=method)
+    matvec, _ = step_products(A.weight)
+
+    def step(x, cbb):
+        c_t, B_t, b_t = cbb
+        x = matvec(c_t, B_t, x) + b_t
+        return x, x
+
+    _, xs = lax.scan(step, jnp.zeros_like(b[0]), (A.coeffs, A.blocks, b), reverse=reverse)
+    return xs
+
+
+def linear_recurrence(
+    A: Float[Array, "T ..."] | GatedJacobian,
+    b: Float[Array, "T D"],
+    *,
+    reverse: bool = False,
+    method: Method = "auto",
+) -> Float[Array, "T D"]:
+    """`x_t = A_t x_{t-1} + b_t` for `A` diagonal `(T, D)`, dense `(T, D, D)`,
+    block-diagonal `(T, n, k, k)` or a `GatedJacobian`."""
+    if isinstance(A, GatedJacobian):
+        return gated_recurrence(A, b, reverse=reverse, method=method)
     solve = {2: diagonal_recurrence, 3: dense_recurrence, 4: block_recurrence}.get(A.ndim)
     if solve is None:
         raise ValueError(f"`A` must have 2, 3 or 4 axes; got shape {A.shape}")
@@ -235,6 +267,21 @@ def _transposed_structured(A, b, method):
     if A.ndim == 4:
         A_next = jnp.swapaxes(A_next, -1, -2)
     return linear_recurrence(A_next, b, reverse=True, method=method)
+
+
+def _transposed_gated(A: GatedJacobian, b, method):
+    if _shard.sequence_axis() is not None or resolve_method(method) == "associative":
+        return transposed_recurrence(A.dense(), b, method=method)
+    _, rmatvec = step_products(A.weight)
+
+    def step(mu_next, cbb):
+        # As the dense sequential form: μ_t = A_tᵀ x_t, x_t = b_t + μ_{t+1}.
+        c_t, B_t, b_t = cbb
+        x = b_t + mu_next
+        return rmatvec(c_t, B_t, x), x
+
+    _, xs = lax.scan(step, jnp.zeros_like(b[0]), (A.coeffs, A.blocks, b), reverse=True)
+    return xs
 
 
 def prefix_sum(b: Float[Array, "T D"], *, reverse: bool = False) -> Float[Array, "T D"]:

@@ -6,12 +6,14 @@ A cell's Jacobian `∂new_state/∂state` is, in the flat state order,
 - `"block"`: `D = k·n`, block-diagonal with `n` blocks of `k×k`, block `j` coupling
   the flat entries `j, n + j, …, (k-1)n + j` (for a state of `k` leaves of size `n`,
   like the LSTM's `(h, c)`, unit `j` of every leaf), stored as `(n, k, k)`;
-- `"dense"`: `(D, D)`.
+- `"dense"`: `(D, D)`, or for gated cells the same matrix in the factored form of
+  `_gated.py` (`GatedJacobian`, `O(D·K)` numbers per step).
 
 The closed forms come from a registry keyed on the cell's class
 (`register_jacobian`, which is how `eqx.nn.GRUCell` and `eqx.nn.LSTMCell` get theirs
 without wrapping), else from the cell's own methods `value_and_diagonal_jacobian`,
-`diagonal_jacobian`, `value_and_block_jacobian`, `value_and_jacobian` and its class
+`diagonal_jacobian`, `value_and_block_jacobian`, `value_and_jacobian`,
+`value_and_gated_jacobian` and its class
 attribute `jacobian_structure`. Whatever is missing falls back to autodiff.
 """
 
@@ -23,6 +25,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
+from ._gated import blocks_to_diagonal as blocks_to_diagonal, check_gated
 from ._problem import FlatCell, StateSpec
 from ._validate import check_cell, check_jacobian
 
@@ -38,6 +41,7 @@ class JacobianRule(NamedTuple):
     value_and_diagonal: Callable | None
     value_and_blocks: Callable | None
     value_and_jacobian: Callable | None
+    value_and_gated: Callable | None = None
 
 
 _REGISTRY: dict[type, JacobianRule] = {}
@@ -50,6 +54,7 @@ def register_jacobian(
     value_and_diagonal: Callable | None = None,
     value_and_blocks: Callable | None = None,
     value_and_jacobian: Callable | None = None,
+    value_and_gated: Callable | None = None,
 ) -> None:
     """Give every instance of `cls` (and of its subclasses) closed-form Jacobians.
 
@@ -60,7 +65,10 @@ def register_jacobian(
     - `value_and_diagonal`: the diagonal of `∂new_state/∂state`, a pytree like `state`;
     - `value_and_blocks`: the `k×k` diagonal blocks, an `(n, k, k)` array with
       `n·k = D`, block `j` acting on the flat entries `j, n+j, …, (k-1)n+j`;
-    - `value_and_jacobian`: the `(D, D)` Jacobian of the flat state.
+    - `value_and_jacobian`: the `(D, D)` Jacobian of the flat state;
+    - `value_and_gated`: that Jacobian as a `GatedJacobian` (weights shared by all
+      steps, a few `(D,)` coefficient vectors per step), which `DEER` stores in
+      `O(T·D·K)` and applies matrix-free on the sequential scan.
 
     `structure` declares the exact Jacobian's structure: `"diagonal"` (needs
     `value_and_diagonal`) or `"block"` (needs `value_and_blocks`) make `DEER` exact
@@ -80,11 +88,12 @@ def register_jacobian(
         ("value_and_diagonal", value_and_diagonal),
         ("value_and_blocks", value_and_blocks),
         ("value_and_jacobian", value_and_jacobian),
+        ("value_and_gated", value_and_gated),
     ]:
         if f is not None and not callable(f):
             raise TypeError(f"`{name}` must be callable; got {f!r}")
     _REGISTRY[cls] = JacobianRule(
-        structure, value_and_diagonal, value_and_blocks, value_and_jacobian
+        structure, value_and_diagonal, value_and_blocks, value_and_jacobian, value_and_gated
     )
 
 
@@ -112,13 +121,8 @@ def jacobian_rule(cell: Callable) -> JacobianRule:
         both,
         _unbound(cell, "value_and_block_jacobian"),
         _unbound(cell, "value_and_jacobian"),
+        _unbound(cell, "value_and_gated_jacobian"),
     )
-
-
-def blocks_to_diagonal(blocks: Float[Array, "... n k k"]) -> Float[Array, "... D"]:
-    """Diagonal of the block-diagonal matrix in the flat order (`D = k·n`)."""
-    d = jnp.diagonal(blocks, axis1=-2, axis2=-1)  # (..., n, k)
-    return jnp.swapaxes(d, -1, -2).reshape(*d.shape[:-2], -1)
 
 
 def dense_to_blocks(jac: Float[Array, "... D D"], k: int) -> Float[Array, "... n k k"]:
@@ -157,8 +161,14 @@ def flat_cell(cell: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) 
     convert = lambda f: eqx.filter_closure_convert(f, x_t, init_state)  # noqa: E731
     rule = jacobian_rule(cell)
     bind = lambda f: None if f is None else functools.partial(f, cell)  # noqa: E731
-    both, blocks, dense = map(  # pyright: ignore[reportAssignmentType]
-        bind, (rule.value_and_diagonal, rule.value_and_blocks, rule.value_and_jacobian)
+    both, blocks, dense, gated = map(  # pyright: ignore[reportAssignmentType]
+        bind,
+        (
+            rule.value_and_diagonal,
+            rule.value_and_blocks,
+            rule.value_and_jacobian,
+            rule.value_and_gated,
+        ),
     )
     if both is None and blocks is not None:
         # The diagonal of the blocks serves the quasi solvers.
@@ -177,4 +187,25 @@ def flat_cell(cell: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) 
     if dense is not None:
         check_jacobian(dense, x_t, init_state, spec)
         dense = convert(dense)
-    return FlatCell(convert(cell), diag, spec, both, dense, blocks=blocks, structure=rule.structure)
+    if gated is not None:
+        _check_gated(gated, x_t, init_state, spec)
+        gated = convert(gated)
+    return FlatCell(
+        convert(cell),
+        diag,
+        spec,
+        both,
+        dense,
+        blocks=blocks,
+        gated=gated,
+        structure=rule.structure,
+    )
+
+
+def _check_gated(f: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> None:
+    name = "value_and_gated_jacobian"
+    try:
+        _, jac = eqx.filter_eval_shape(f, x_t, init_state)
+    except Exception as e:
+        raise TypeError(f"calling `{name}(input_t, state)` failed: {e}") from e
+    check_gated(jac, spec.size, name)

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._gated import dense_diagonal, is_dense
 from .._problem import Problem
 from .._scan import Method, diagonal_recurrence, linear_recurrence
 from .._shard import (
@@ -69,11 +70,11 @@ class DEER(AbstractLinearisedSolver):
 
     def step(self, problem, iterate, state, frontier):
         jac = iterate.jac
-        if not self.globalise or jac.ndim != 3:
+        if not self.globalise or not is_dense(jac):
             return super().step(problem, iterate, state, frontier)
         rhs = iterate.fs - iterate.states
         newton = safeguard(iterate.states + self.correction(jac, rhs), iterate, frontier)
-        diag = jnp.diagonal(jac, axis1=1, axis2=2)
+        diag = dense_diagonal(jac)
         quasi_step = diagonal_recurrence(diag, rhs, method=self.scan)
         quasi = safeguard(iterate.states + quasi_step, iterate, frontier)
         states = splice(newton, problem.evaluate(newton), quasi, problem.evaluate(quasi))

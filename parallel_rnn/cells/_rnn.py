@@ -6,7 +6,9 @@ what they add is `diagonal_jacobian(input_t, state)`, the diagonal of
 autodiff needs `D` JVP passes (the formulas are in docs/cells.md), and `value_and_jacobian`,
 the full Jacobian written from the gates in one pass over `D×D` (a few scaled
 copies of the recurrent weights), where `jax.jacfwd` pushes `D` tangents through
-every intermediate of the step.
+every intermediate of the step, and `value_and_gated_jacobian`, that Jacobian
+factored as those scalings (`GatedJacobian`: `O(D)` numbers per step), which `DEER`
+stores and applies without ever forming the `D×D` matrices.
 """
 
 import math
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._gated import GatedJacobian
 from .._misc import default_dtype
 from .._structure import register_jacobian
 
@@ -104,6 +107,12 @@ class GRU(_EquinoxCellWrapper):
         `α = (h-n) z(1-z)`, `β = (1-z)(1-n²)(W_hn h + b_hn) r(1-r)`, `γ = (1-z)(1-n²) r`."""
         return gru_value_and_jacobian(self.cell, input_t, h)
 
+    def value_and_gated_jacobian(
+        self, input_t: Float[Array, " M"], h: Float[Array, " D"]
+    ) -> tuple[Float[Array, " D"], GatedJacobian]:
+        """`(h', ∂h'/∂h)`, the Jacobian factored as `GatedJacobian(W_hh, [β, α, γ], z)`."""
+        return gru_value_and_gated(self.cell, input_t, h)
+
     def diagonal_jacobian(
         self, input_t: Float[Array, " M"], h: Float[Array, " D"]
     ) -> Float[Array, " D"]:
@@ -145,6 +154,14 @@ def gru_value_and_jacobian(cell: eqx.nn.GRUCell, input_t, h):
     # whose broadcast-and-select is not fused as well under vmap).
     jac = alpha[:, None] * w_z + beta[:, None] * w_r + gamma[:, None] * w_n + _diag(z)
     return new, jac
+
+
+def gru_value_and_gated(cell: eqx.nn.GRUCell, input_t, h):
+    """`(h', ∂h'/∂h)` of an `eqx.nn.GRUCell` in gated form: the coefficients of
+    `W_hr, W_hz, W_hn` (the order of `weight_hh`) and the diagonal part `z`."""
+    new, alpha, beta, gamma, z = _gru_coefficients(cell, input_t, h)
+    coeffs = jnp.stack([beta, alpha, gamma])  # (3, D)
+    return new, GatedJacobian(cell.weight_hh, coeffs, z[:, None, None])
 
 
 class LSTM(_EquinoxCellWrapper):
@@ -190,6 +207,14 @@ class LSTM(_EquinoxCellWrapper):
         """`((h', c'), J)` with `J` the `2D × 2D` Jacobian in the state order `(h, c)`:
         `[[∂h'/∂h, ∂h'/∂c], [∂c'/∂h, diag(f)]]`."""
         return lstm_value_and_jacobian(self.cell, input_t, state)
+
+    def value_and_gated_jacobian(
+        self, input_t: Float[Array, " M"], state: tuple[Array, Array]
+    ) -> tuple[tuple[Array, Array], GatedJacobian]:
+        """`((h', c'), J)` with `J` factored as `GatedJacobian`: `W_hh` acting on `h`,
+        its four blocks scaled into `∂h'/∂h` and `∂c'/∂h`, and the `2×2` blocks
+        `[[0, κ f], [0, f]]` of `∂/∂c` per unit."""
+        return lstm_value_and_gated(self.cell, input_t, state)
 
     def diagonal_jacobian(
         self, input_t: Float[Array, " M"], state: tuple[Array, Array]
@@ -258,18 +283,36 @@ def lstm_value_and_jacobian(cell: eqx.nn.LSTMCell, input_t, state):
     return new, jnp.concatenate([top, bottom], axis=0)
 
 
+def lstm_value_and_gated(cell: eqx.nn.LSTMCell, input_t, state):
+    """`((h', c'), J)` of an `eqx.nn.LSTMCell`, `J` in gated form (`m = n`, `p = 2`):
+    row `(h'; c')` of `W_k h` scaled by `(κ a_k; a_k)` for `k = i, f, g` and by
+    `(a_o; 0)` for `o`, plus the per-unit blocks `[[0, κ f], [0, f]]`."""
+    new, a = _lstm_coefficients(cell, input_t, state)
+    kappa, forget = a["kappa"], a["forget"]
+    zero = jnp.zeros_like(kappa)
+    coeffs = jnp.stack(
+        [jnp.concatenate([kappa * a[k], a[k]]) for k in ("i", "f", "g")]
+        + [jnp.concatenate([a["o"], zero])]
+    )  # (4, 2n), in the order of `weight_hh`
+    top = jnp.stack([zero, kappa * forget], axis=-1)
+    bottom = jnp.stack([zero, forget], axis=-1)
+    return new, GatedJacobian(cell.weight_hh, coeffs, jnp.stack([top, bottom], axis=-2))
+
+
 # Equinox's own cells get the closed forms without wrapping: `solve_parallel`
 # looks the cell's class up in this registry first.
 register_jacobian(
     eqx.nn.GRUCell,
     value_and_diagonal=gru_value_and_diagonal,
     value_and_jacobian=gru_value_and_jacobian,
+    value_and_gated=gru_value_and_gated,
 )
 register_jacobian(
     eqx.nn.LSTMCell,
     value_and_diagonal=lstm_value_and_diagonal,
     value_and_blocks=lstm_value_and_blocks,
     value_and_jacobian=lstm_value_and_jacobian,
+    value_and_gated=lstm_value_and_gated,
 )
 
 

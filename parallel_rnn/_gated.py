@@ -1,0 +1,167 @@
+"""Jacobians of gated cells in factored form: `O(T·D·K)` numbers instead of `T·D·D`.
+
+The Jacobian of a gated cell (GRU, LSTM) is a few row-scaled copies of its
+recurrent weight matrix plus a local part:
+
+    A_t δ = Σ_k coeffs[t, k] ⊙ tile_p(W_k δ[:m]) + blockdiag(blocks[t]) δ
+
+with `weight = [W_1; …; W_K]` the `(K·m, m)` stacked recurrent weights (shared by
+all steps), acting on the first `m` entries of the flat state, their outputs
+repeated `p = D / m` times (`tile_p`) and scaled row by row by `coeffs[t]`
+(`(K, D)`), and `blocks[t]` an `(n, k, k)` block-diagonal matrix in the strided
+layout of `_structure.py` (`n·k = D`, block `j` acting on the flat entries
+`j, n+j, …, (k-1)n+j`). The GRU is `m = D`, `p = 1`, `k = 1` (`blocks = z`); the
+LSTM's `(h, c)` is `m = n`, `p = 2`, `k = 2` (`∂h'/∂c` and `∂c'/∂c` are diagonal).
+
+Applied step by step (`matvec`, `rmatvec`), each product is one matvec with the
+stacked weight plus elementwise work: the sequential scans never build the
+`(T, D, D)` array. Whatever needs dense matrices (the associative scan, ELK,
+the sequence-sharded solve) calls `dense()`.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._misc import HIGHEST, matvec as _matvec
+
+
+class GatedJacobian(eqx.Module):
+    """`A_t δ = Σ_k coeffs[t,k] ⊙ tile_p(W_k δ[:m]) + blockdiag(blocks[t]) δ` (module docstring).
+
+    One step (as a cell's `value_and_gated_jacobian` returns it): `weight`
+    `(K·m, m)`, `coeffs` `(K, D)`, `blocks` `(n, k, k)`; over a trajectory the
+    last two gain a leading `T` axis and `weight` stays shared.
+    """
+
+    weight: Float[Array, "Km m"]
+    coeffs: Float[Array, "*T K D"]
+    blocks: Float[Array, "*T n k k"]
+
+    @property
+    def size(self) -> int:
+        """`D`, the flat state size."""
+        return self.coeffs.shape[-1]
+
+    def astype(self, dtype) -> "GatedJacobian":
+        return GatedJacobian(*(x.astype(dtype) for x in (self.weight, self.coeffs, self.blocks)))
+
+    def dense(self) -> Float[Array, "*T D D"]:
+        """The Jacobians as dense `(…, D, D)` matrices."""
+        K, D = self.coeffs.shape[-2:]
+        m = self.weight.shape[1]
+        W = jnp.tile(self.weight.reshape(K, m, m), (1, D // m, 1))  # (K, D, m): tile_p W_k
+        rows = jnp.einsum("...ki,kij->...ij", self.coeffs, W, precision=HIGHEST)
+        pad = jnp.zeros((*rows.shape[:-1], D - m), rows.dtype)
+        return jnp.concatenate([rows, pad], axis=-1) + blocks_to_dense(self.blocks)
+
+    def diagonal(self) -> Float[Array, "*T D"]:
+        """The diagonals of the Jacobians, `(…, D)`, without building them."""
+        K, D = self.coeffs.shape[-2:]
+        m = self.weight.shape[1]
+        w = jnp.diagonal(self.weight.reshape(K, m, m), axis1=1, axis2=2)  # (K, m)
+        # Row i >= m of tile_p(W_k) E multiplies δ[i mod m], never δ[i].
+        w = jnp.concatenate([w, jnp.zeros((K, D - m), w.dtype)], axis=1)
+        w = w.reshape((1,) * (self.coeffs.ndim - 2) + (K, D))
+        return jnp.sum(self.coeffs * w, axis=-2) + blocks_to_diagonal(self.blocks)
+
+
+def blocks_to_diagonal(blocks: Float[Array, "... n k k"]) -> Float[Array, "... D"]:
+    """Diagonal of the block-diagonal matrix in the flat order (`D = k·n`)."""
+    d = jnp.diagonal(blocks, axis1=-2, axis2=-1)  # (..., n, k)
+    return jnp.swapaxes(d, -1, -2).reshape(*d.shape[:-2], -1)
+
+
+def blocks_to_dense(blocks: Float[Array, "... n k k"]) -> Float[Array, "... D D"]:
+    """The `(D, D)` block-diagonal matrix of `(n, k, k)` blocks (strided layout)."""
+    n, k = blocks.shape[-3], blocks.shape[-1]
+    eye = jnp.eye(n, dtype=blocks.dtype).reshape((1,) * (blocks.ndim - 2) + (n, 1, n))
+    # J[a n + j, b n + l] = blocks[j, a, b] δ_jl: a broadcast product, no contraction.
+    J = jnp.swapaxes(blocks, -3, -2)[..., None] * eye  # [a, j, b, l]
+    return J.reshape(*blocks.shape[:-3], n * k, n * k)
+
+
+def _small_matvec(A, x):
+    # As `_scan._small_matvec`: a multiply and a row sum fuse into one loop on CPU.
+    return jnp.sum(A * x[..., None, :], axis=-1)
+
+
+def step_products(weight: Float[Array, "Km m"]):
+    """`(matvec, rmatvec)`: `A_t x` and `A_tᵀ y` of one step, from `(coeffs_t, blocks_t)`.
+
+    The weight's transpose is formed once here, outside any scan body.
+    """
+    m = weight.shape[1]
+    product = _small_matvec if m <= 32 else _matvec
+    weight_t = weight.T
+
+    def blocks_product(blocks, x, transpose):
+        n, k = blocks.shape[0], blocks.shape[-1]
+        if k == 1:  # a diagonal: no layout changes
+            return blocks[:, 0, 0] * x
+        xb = x.reshape(k, n).T  # (n, k): unit j's entries
+        B = jnp.swapaxes(blocks, -1, -2) if transpose else blocks
+        return jnp.sum(B * xb[:, None, :], axis=-1).T.reshape(-1)
+
+    def matvec(coeffs, blocks, x):
+        K, D = coeffs.shape
+        u = product(weight, x[:m]).reshape(K, 1, m)  # W_k δ[:m]
+        gated = jnp.sum(coeffs.reshape(K, D // m, m) * u, axis=0).reshape(D)
+        return gated + blocks_product(blocks, x, False)
+
+    def rmatvec(coeffs, blocks, y):
+        K, D = coeffs.shape
+        v = jnp.sum(coeffs.reshape(K, D // m, m) * y.reshape(1, D // m, m), axis=1)  # (K, m)
+        top = product(weight_t, v.reshape(K * m))  # Σ_k W_kᵀ v_k
+        gated = jnp.concatenate([top, jnp.zeros((D - m,), top.dtype)])
+        return gated + blocks_product(blocks, y, True)
+
+    return matvec, rmatvec
+
+
+def check_gated(jac: object, D: int, name: str) -> None:
+    """Shapes of one step's `GatedJacobian` (from `eqx.filter_eval_shape`)."""
+    ok = isinstance(jac, GatedJacobian)
+    if ok:
+        w, c, b = (getattr(x, "shape", ()) for x in (jac.weight, jac.coeffs, jac.blocks))
+        ok = (
+            len(w) == 2
+            and len(c) == 2
+            and len(b) == 3
+            and c[1] == D
+            and w[1] > 0
+            and D % w[1] == 0
+            and w[0] == c[0] * w[1]
+            and b[1] == b[2]
+            and b[0] * b[1] == D
+            and all(
+                jnp.issubdtype(x.dtype, jnp.floating) for x in (jac.weight, jac.coeffs, jac.blocks)
+            )
+        )
+    if not ok:
+        raise ValueError(
+            f"`{name}` must return (new_state, GatedJacobian(weight (K·m, m), coeffs (K, D), "
+            f"blocks (n, k, k))) with D = {D} = p·m = n·k, all floating; got {jac!r}"
+        )
+
+
+def vmap_gated(f, *args):
+    """`jax.vmap(f)(*args)` for `f -> (value, GatedJacobian)`, keeping the weight unbatched.
+
+    The weight is the cell's and must not depend on the step (jax raises otherwise).
+    """
+    out_axes = (0, GatedJacobian(None, 0, 0))  # pyright: ignore[reportArgumentType]
+    return jax.vmap(f, out_axes=out_axes)(*args)
+
+
+def is_dense(jac: object) -> bool:
+    """Whether `jac` is a trajectory of dense Jacobians: `(T, D, D)` or gated."""
+    return isinstance(jac, GatedJacobian) or getattr(jac, "ndim", None) == 3
+
+
+def dense_diagonal(jac: "Float[Array, 'T D D'] | GatedJacobian") -> Float[Array, "T D"]:
+    """The `(T, D)` diagonals of a trajectory of dense Jacobians (`is_dense`)."""
+    if isinstance(jac, GatedJacobian):
+        return jac.diagonal()
+    return jnp.diagonal(jac, axis1=1, axis2=2)
