@@ -8,8 +8,8 @@ from ._lyapunov import lyapunov_exponent as lyapunov_exponent
 from ._scan import (
     block_recurrence as block_recurrence,
     dense_recurrence as dense_recurrence,
-    gated_recurrence as gated_recurrence,
     diagonal_recurrence as diagonal_recurrence,
+    gated_recurrence as gated_recurrence,
     linear_recurrence as linear_recurrence,
 )
 from ._sequential import solve_sequential as solve_sequential

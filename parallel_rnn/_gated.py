@@ -122,9 +122,10 @@ def step_products(weight: Float[Array, "Km m"]):
 
 def check_gated(jac: object, D: int, name: str) -> None:
     """Shapes of one step's `GatedJacobian` (from `eqx.filter_eval_shape`)."""
-    ok = isinstance(jac, GatedJacobian)
-    if ok:
-        w, c, b = (getattr(x, "shape", ()) for x in (jac.weight, jac.coeffs, jac.blocks))
+    ok = False
+    if isinstance(jac, GatedJacobian):
+        arrays = (jac.weight, jac.coeffs, jac.blocks)
+        w, c, b = (tuple(getattr(x, "shape", ())) for x in arrays)
         ok = (
             len(w) == 2
             and len(c) == 2
@@ -135,9 +136,7 @@ def check_gated(jac: object, D: int, name: str) -> None:
             and w[0] == c[0] * w[1]
             and b[1] == b[2]
             and b[0] * b[1] == D
-            and all(
-                jnp.issubdtype(x.dtype, jnp.floating) for x in (jac.weight, jac.coeffs, jac.blocks)
-            )
+            and all(jnp.issubdtype(x.dtype, jnp.floating) for x in arrays)
         )
     if not ok:
         raise ValueError(

@@ -150,7 +150,9 @@ class Problem(eqx.Module):
 
         return jax.vmap(one)(self.inputs, self.shift(states))
 
-    def linearise_gated(self, states: Float[Array, "T D"]) -> tuple[Float[Array, "T D"], GatedJacobian]:
+    def linearise_gated(
+        self, states: Float[Array, "T D"]
+    ) -> tuple[Float[Array, "T D"], GatedJacobian]:
         """`f` and `A_t` in the factored form of a gated cell: `O(T·D·K)` memory."""
         gated, spec = self.fn.gated, self.fn.spec
         if gated is None:

@@ -9,6 +9,7 @@ import pytest
 
 import parallel_rnn as prnn
 from parallel_rnn import cells
+from parallel_rnn._gated import step_products
 from parallel_rnn._scan import block_recurrence, linear_recurrence, transposed_recurrence
 from parallel_rnn._structure import blocks_to_diagonal, dense_to_blocks, jacobian_rule
 
@@ -285,3 +286,141 @@ def test_register_jacobian_refuses_incomplete_declarations():
         prnn.register_jacobian(_Decay, structure="sparse")
     with pytest.raises(TypeError, match="class"):
         prnn.register_jacobian(_Decay(jnp.zeros(2)))
+
+
+# Gated form of the dense Jacobian (`GatedJacobian`): Equinox's own cells
+# (registered) and `cells.GRU` / `cells.LSTM` (methods), against jacfwd and against
+# dense solves.
+_WRAPPERS = {"gru": cells.GRU, "lstm": cells.LSTM}
+
+
+@pytest.mark.parametrize("kind", sorted(_EQX))
+def test_gated_jacobian_dense_diagonal_and_products_equal_jacfwd(kind):
+    make, state_fn = _EQX[kind]
+    cell = make()
+    both = (cell, _WRAPPERS[kind].wrap(cell))
+    rules = [jacobian_rule(c) for c in both]
+    assert all(rule.value_and_gated is not None for rule in rules)
+
+    @jax.jit
+    def evaluate(x, s, v):
+        out = []
+        for c, rule in zip(both, rules):
+            value, gated = rule.value_and_gated(c, x, s)
+            matvec, rmatvec = step_products(gated.weight)
+            Jv = matvec(gated.coeffs, gated.blocks, v)
+            out.append(
+                (value, gated.dense(), gated.diagonal(), Jv, rmatvec(gated.coeffs, gated.blocks, v))
+            )
+        return _flat_jacobian(cell, x, s), cell(x, s), out
+
+    for key in jax.random.split(jax.random.key(14), 2):
+        x, s = _point(state_fn, key)
+        v = jax.random.normal(key, (jax.flatten_util.ravel_pytree(s)[0].size,), jnp.float64)
+        J, want, out = evaluate(x, s, v)
+        for value, dense, diagonal, Jv, JTv in out:
+            assert max_abs_diff(value, want) < 1e-12
+            np.testing.assert_allclose(dense, J, atol=1e-12, rtol=0)
+            np.testing.assert_allclose(diagonal, jnp.diag(J), atol=1e-12, rtol=0)
+            np.testing.assert_allclose(Jv, J @ v, atol=1e-12, rtol=0)
+            np.testing.assert_allclose(JTv, J.T @ v, atol=1e-12, rtol=0)
+
+
+def _random_gated(key, T, K, m, p, k):
+    """A `GatedJacobian` over `T` steps with `D = p·m`, `k×k` blocks, random entries."""
+    D = p * m
+    kw, kc, kb = jax.random.split(key, 3)
+    weight = jax.random.normal(kw, (K * m, m), jnp.float64) / m
+    coeffs = 0.5 * jax.random.normal(kc, (T, K, D), jnp.float64)
+    blocks = 0.4 * jax.random.normal(kb, (T, D // k, k, k), jnp.float64)
+    return prnn.GatedJacobian(weight, coeffs, blocks)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 1, 1), (4, 3, 2, 2)], ids=["gru-like", "lstm-like"])
+def test_gated_recurrence_equals_dense_block_bidiagonal_solve(shape):
+    # shape = (K, m, p, k): K weight blocks of m×m, D = p·m, k×k local blocks.
+    T = 9
+    A = _random_gated(jax.random.key(15), T, *shape)
+    b = jax.random.normal(jax.random.key(16), (T, A.size), jnp.float64)
+    # The dense matrices built independently of `dense()`: tile_p(W_k) scaled row
+    # by row, zero-padded on the right, plus the blocks' own dense form.
+    K, m, p, _ = shape
+    W = np.tile(np.asarray(A.weight).reshape(K, m, m), (1, p, 1))
+    rows = np.einsum("tki,kij->tij", np.asarray(A.coeffs), W)
+    independent = np.concatenate([rows, np.zeros((T, A.size, A.size - m))], axis=2)
+    independent += np.stack([np.asarray(_blocks_as_dense(B)) for B in A.blocks])
+    np.testing.assert_allclose(A.dense(), independent, atol=1e-14, rtol=0)
+
+    @jax.jit
+    def run(A, b):
+        methods = ("sequential", "associative")
+        return (
+            [linear_recurrence(A, b, reverse=r, method=m) for m in methods for r in (False, True)],
+            [transposed_recurrence(A, b, method=m) for m in methods],
+            transposed_recurrence(A.dense(), b, method="sequential"),
+        )
+
+    solves, transposed, transposed_dense = run(A, b)
+    for i, got in enumerate(solves):
+        want = _block_bidiagonal_solve(independent, b, reverse=i % 2 == 1)
+        np.testing.assert_allclose(got, want, atol=1e-12, rtol=1e-12)
+    for got in transposed:
+        np.testing.assert_allclose(got, transposed_dense, atol=1e-12, rtol=1e-12)
+
+
+def _gated_problem(kind, dtype, T):
+    if kind == "gru":
+        cell = eqx.nn.GRUCell(M, 5, key=jax.random.key(17), dtype=dtype)
+        s0 = jnp.full(5, 0.1, dtype)
+    else:
+        cell = eqx.nn.LSTMCell(M, 4, key=jax.random.key(18), dtype=dtype)
+        s0 = (jnp.zeros(4, dtype), jnp.full(4, 0.1, dtype))
+    xs = jax.random.normal(jax.random.key(19), (T, M), dtype)
+    return cell, xs, s0
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_deer_on_gated_cells_matches_scan_without_dense_jacobians(kind):
+    cell, xs, s0 = _gated_problem(kind, jnp.float64, 64)
+    sol = prnn.solve_parallel(cell, xs, s0, prnn.DEER(), rtol=1e-11, atol=1e-11)
+    assert bool(sol.converged) and max_abs_diff(sol.states, scan_reference(cell, xs, s0)) < 1e-9
+    # Sequentially (the CPU default) the (T, D, D) Jacobians are never formed.
+    solve = lambda c: prnn.solve_parallel(c, xs, s0, prnn.DEER(scan="sequential"))  # noqa: E731
+    D = 5 if kind == "gru" else 8
+    assert f"{len(xs)},{D},{D}]" not in str(jax.make_jaxpr(solve)(cell))
+    if kind == "gru":  # float32, batched and jitted
+        cell32, xs32, s032 = _gated_problem(kind, jnp.float32, 64)
+        xs32 = jnp.stack([xs32, -xs32, 0.5 * xs32])
+        sols = jax.jit(jax.vmap(lambda x: prnn.solve_parallel(cell32, x, s032, prnn.DEER())))(xs32)
+        want32 = jax.vmap(lambda x: scan_reference(cell32, x, s032))(xs32)
+        assert bool(jnp.all(sols.converged)) and max_abs_diff(sols.states, want32) < 1e-4
+
+
+def test_deer_gradients_on_gated_lstm_equal_bptt():
+    # The GRU's (through `_DenseAdjoint` too) are checked in test_grad.py.
+    cell, xs, s0 = _gated_problem("lstm", jnp.float64, 40)
+
+    def loss(c, solve):
+        states = solve(c)
+        return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(states))
+
+    parallel = lambda c: prnn.solve_parallel(c, xs, s0, prnn.DEER()).states  # noqa: E731
+    g = eqx.filter_grad(loss)(cell, parallel)
+    want = eqx.filter_grad(loss)(cell, lambda c: scan_reference(c, xs, s0))
+    assert max_abs_diff(g, want) < 1e-8
+
+
+class _BadGated(eqx.Module):
+    w: jax.Array
+
+    def __call__(self, x, s):
+        return jnp.tanh(self.w @ s + x)
+
+    def value_and_gated_jacobian(self, x, s):
+        return self(x, s), prnn.GatedJacobian(self.w, jnp.ones((2, 3)), jnp.ones((3, 1, 1)))
+
+
+def test_gated_jacobian_of_wrong_shape_is_refused():
+    cell = _BadGated(jnp.eye(3))
+    with pytest.raises(ValueError, match="GatedJacobian"):
+        prnn.solve_parallel(cell, jnp.zeros((5, 3)), jnp.zeros(3), prnn.DEER())
