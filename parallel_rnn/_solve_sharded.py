@@ -88,6 +88,8 @@ def _local(fn: FlatCell) -> FlatCell:
         fn.spec,
         wrap(fn.value_and_diag),
         wrap(fn.value_and_jac),  # pyright: ignore[reportArgumentType]
+        blocks=wrap(fn.blocks),
+        gated=wrap(fn.gated),
     )
 
 
@@ -100,6 +102,8 @@ def _unlocal(fn: FlatCell) -> FlatCell:
         fn.spec,
         unwrap(fn.value_and_diag),
         unwrap(fn.value_and_jac),
+        blocks=unwrap(fn.blocks),
+        gated=unwrap(fn.gated),
     )
 
 
