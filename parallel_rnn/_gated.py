@@ -19,12 +19,14 @@ stacked weight plus elementwise work: the sequential scans never build the
 the sequence-sharded solve) calls `dense()`.
 """
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._misc import HIGHEST, matvec as _matvec
+from ._misc import matvec as _matvec
 
 
 class GatedJacobian(eqx.Module):
@@ -52,9 +54,14 @@ class GatedJacobian(eqx.Module):
         K, D = self.coeffs.shape[-2:]
         m = self.weight.shape[1]
         W = jnp.tile(self.weight.reshape(K, m, m), (1, D // m, 1))  # (K, D, m): tile_p W_k
-        rows = jnp.einsum("...ki,kij->...ij", self.coeffs, W, precision=HIGHEST)
-        pad = jnp.zeros((*rows.shape[:-1], D - m), rows.dtype)
-        return jnp.concatenate([rows, pad], axis=-1) + blocks_to_dense(self.blocks)
+        lead = (1,) * (self.coeffs.ndim - 2)
+        # A sum of K row-scaled copies, which XLA fuses into one elementwise pass
+        # (as a contraction over k it became a batched dot, 50x slower on CPU).
+        scaled = [self.coeffs[..., k, :, None] * W[k].reshape(*lead, D, m) for k in range(K)]
+        rows = functools.reduce(jnp.add, scaled)
+        if m < D:
+            rows = jnp.concatenate([rows, jnp.zeros((*rows.shape[:-1], D - m), rows.dtype)], -1)
+        return rows + blocks_to_dense(self.blocks)
 
     def diagonal(self) -> Float[Array, "*T D"]:
         """The diagonals of the Jacobians, `(…, D)`, without building them."""
@@ -76,25 +83,22 @@ def blocks_to_diagonal(blocks: Float[Array, "... n k k"]) -> Float[Array, "... D
 def blocks_to_dense(blocks: Float[Array, "... n k k"]) -> Float[Array, "... D D"]:
     """The `(D, D)` block-diagonal matrix of `(n, k, k)` blocks (strided layout)."""
     n, k = blocks.shape[-3], blocks.shape[-1]
+    if k == 1:  # a diagonal, written as a product with the identity that XLA fuses
+        lead = (1,) * (blocks.ndim - 3)
+        return blocks[..., 0] * jnp.eye(n, dtype=blocks.dtype).reshape(*lead, n, n)
     eye = jnp.eye(n, dtype=blocks.dtype).reshape((1,) * (blocks.ndim - 2) + (n, 1, n))
     # J[a n + j, b n + l] = blocks[j, a, b] δ_jl: a broadcast product, no contraction.
     J = jnp.swapaxes(blocks, -3, -2)[..., None] * eye  # [a, j, b, l]
     return J.reshape(*blocks.shape[:-3], n * k, n * k)
 
 
-def _small_matvec(A, x):
-    # As `_scan._small_matvec`: a multiply and a row sum fuse into one loop on CPU.
-    return jnp.sum(A * x[..., None, :], axis=-1)
-
-
-def step_products(weight: Float[Array, "Km m"]):
+def step_products(weight: Float[Array, "Km m"], D: int):
     """`(matvec, rmatvec)`: `A_t x` and `A_tᵀ y` of one step, from `(coeffs_t, blocks_t)`.
 
-    The weight's transpose is formed once here, outside any scan body.
+    The weight's transpose is formed here, outside any scan body.
     """
-    m = weight.shape[1]
-    product = _small_matvec if m <= 32 else _matvec
-    weight_t = weight.T
+    Km, m = weight.shape
+    K, p = Km // m, D // m
 
     def blocks_product(blocks, x, transpose):
         n, k = blocks.shape[0], blocks.shape[-1]
@@ -104,16 +108,19 @@ def step_products(weight: Float[Array, "Km m"]):
         B = jnp.swapaxes(blocks, -1, -2) if transpose else blocks
         return jnp.sum(B * xb[:, None, :], axis=-1).T.reshape(-1)
 
+    # The weight product as a dot even for small D: inside a scan step on CPU it
+    # measured faster than a multiply and a row sum (D = 16, T = 1e5: 10.5 ms
+    # against 31 ms for the whole scan; the dense scan's step takes 18 ms).
+    weight_t = weight.T
+
     def matvec(coeffs, blocks, x):
-        K, D = coeffs.shape
-        u = product(weight, x[:m]).reshape(K, 1, m)  # W_k δ[:m]
-        gated = jnp.sum(coeffs.reshape(K, D // m, m) * u, axis=0).reshape(D)
+        u = _matvec(weight, x[:m]).reshape(K, 1, m)  # W_k δ[:m]
+        gated = jnp.sum(coeffs.reshape(K, p, m) * u, axis=0).reshape(D)
         return gated + blocks_product(blocks, x, False)
 
     def rmatvec(coeffs, blocks, y):
-        K, D = coeffs.shape
-        v = jnp.sum(coeffs.reshape(K, D // m, m) * y.reshape(1, D // m, m), axis=1)  # (K, m)
-        top = product(weight_t, v.reshape(K * m))  # Σ_k W_kᵀ v_k
+        v = jnp.sum(coeffs.reshape(K, p, m) * y.reshape(1, p, m), axis=1)  # (K, m)
+        top = _matvec(weight_t, v.reshape(K * m))  # Σ_k W_kᵀ v_k
         gated = jnp.concatenate([top, jnp.zeros((D - m,), top.dtype)])
         return gated + blocks_product(blocks, y, True)
 

@@ -232,7 +232,7 @@ def gated_recurrence(
     """
     if _shard.sequence_axis() is not None or resolve_method(method) == "associative":
         return dense_recurrence(A.dense(), b, reverse=reverse, method=method)
-    matvec, _ = step_products(A.weight)
+    matvec, _ = step_products(A.weight, A.size)
 
     def step(x, cbb):
         c_t, B_t, b_t = cbb
@@ -272,7 +272,7 @@ def _transposed_structured(A, b, method):
 def _transposed_gated(A: GatedJacobian, b, method):
     if _shard.sequence_axis() is not None or resolve_method(method) == "associative":
         return transposed_recurrence(A.dense(), b, method=method)
-    _, rmatvec = step_products(A.weight)
+    _, rmatvec = step_products(A.weight, A.size)
 
     def step(mu_next, cbb):
         # As the dense sequential form: μ_t = A_tᵀ x_t, x_t = b_t + μ_{t+1}.

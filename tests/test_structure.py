@@ -307,7 +307,7 @@ def test_gated_jacobian_dense_diagonal_and_products_equal_jacfwd(kind):
         out = []
         for c, rule in zip(both, rules):
             value, gated = rule.value_and_gated(c, x, s)
-            matvec, rmatvec = step_products(gated.weight)
+            matvec, rmatvec = step_products(gated.weight, gated.size)
             Jv = matvec(gated.coeffs, gated.blocks, v)
             out.append(
                 (value, gated.dense(), gated.diagonal(), Jv, rmatvec(gated.coeffs, gated.blocks, v))
