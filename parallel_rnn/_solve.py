@@ -110,14 +110,16 @@ def solve_parallel(
       order: `eqx.nn.GRUCell`, `eqx.nn.LSTMCell` work unchanged). If it has a method
       `diagonal_jacobian(input_t, state)`, the quasi solvers use it; if it has
       `value_and_jacobian(input_t, state) -> (new_state, (D, D) array)`, the dense
-      solvers use it instead of `jax.jacfwd`.
+      solvers use it instead of `jax.jacfwd`; `value_and_gated_jacobian` (a
+      `GatedJacobian`, as the GRU and LSTM cells give) lets `DEER` store the
+      Jacobians in `O(T D K)` instead (docs/cells.md).
     - `inputs`: pytree whose leaves share the leading time axis `T >= 1`.
     - `init_state`: `s_0`, a pytree of floating arrays (one dtype).
     - `solver`: a solver configuration: `DEER()` (the default: globalised Newton,
       the fewest iterations in the measured studies, trained language models from a
-      cold start included; `O(T D²)` memory), `QuasiDEER()` (`O(T D)` memory, for
-      large `D`), `ELK()` (for unstable, chaotic or marginally stable cells),
-      `QuasiELK()`, `Picard()`, `Jacobi()`.
+      cold start included; `O(T D²)` memory, `O(T D)` on gated cells),
+      `QuasiDEER()` (`O(T D)` memory, for large `D`), `ELK()` (for unstable,
+      chaotic or marginally stable cells), `QuasiELK()`, `Picard()`, `Jacobi()`.
     - `guess`: initial trajectory (pytree like `Solution.states`), e.g. the previous
       training step's solution. Defaults to `init_state` repeated. Gets no gradient.
       Non-finite entries of the guess are replaced by those of `init_state` (or `0`

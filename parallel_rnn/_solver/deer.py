@@ -25,7 +25,10 @@ class DEER(AbstractLinearisedSolver):
     costs a dense `D×D` scan: `O(T D³)` work and `O(T D²)` memory. On a cell whose
     Jacobian is declared diagonal or block-diagonal (`cells.ParaGRU`,
     `cells.ParaLSTM`, see `register_jacobian`) it uses that exact structure:
-    Newton at `O(T D)` memory.
+    Newton at `O(T D)` memory. On a gated cell (`cells.GRU`, `cells.LSTM`,
+    `eqx.nn.GRUCell`, `eqx.nn.LSTMCell`: `value_and_gated_jacobian`) it stores the
+    Jacobians factored (`GatedJacobian`, `O(T D K)`) and applies them without
+    forming them on the sequential scan.
 
     **Globalisation** (`globalise=True`, the default). From a cold start the
     linearisation at the guess is often unstable even when the model is
