@@ -190,7 +190,9 @@ def _parallel_smoother(A, b, m, P, dense, associative=True):
 # - up to D = 8 products are fused multiply-and-sums and solves Gauss–Jordan
 #   sweeps in plain array ops;
 # - from D = _BLOCKED the solve is a blocked Gauss–Jordan whose work is nearly
-#   all XLA dots: 2-4x less CPU time than `jnp.linalg.solve` at D = 64 and 128;
+#   all XLA dots: as fast as single-threaded LAPACK at D = 64 and 128, and 2-4x
+#   less CPU time than `jnp.linalg.solve` with the default BLAS threads on a
+#   loaded machine (and it does not vary with the load);
 # - in between, `jnp.linalg.solve`.
 # Measurements: docs/performance.md.
 
