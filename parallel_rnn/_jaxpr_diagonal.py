@@ -90,18 +90,38 @@ def _scale(term: Term, p: Array) -> Term:
     return Mat(_mul(term.c, p), term.w, term.inner)
 
 
+def _gather_rows(a: Array, rows: np.ndarray) -> Array:
+    """`a[rows]` along axis 0, zero where `rows < 0`.
+
+    Slices, splits and concatenations give a contiguous run of rows padded with
+    empty ones; a static slice and a pad of that are much cheaper than a gather."""
+    live = np.nonzero(rows >= 0)[0]
+    if len(live) == 0:
+        return jnp.zeros((len(rows), *a.shape[1:]), a.dtype)
+    first, last, start = int(live[0]), int(live[-1]) + 1, int(rows[live[0]])
+    run = np.arange(start, start + len(live))
+    if last - first == len(live) and np.array_equal(rows[first:last], run):
+        piece = a[start : start + len(live)]
+        if first == 0 and last == len(rows):
+            return piece
+        pad = [(int(first), int(len(rows) - last))] + [(0, 0)] * (a.ndim - 1)
+        return jnp.pad(piece, pad)
+    out = a[np.where(rows >= 0, rows, 0)]
+    if len(live) < len(rows):
+        mask = (rows >= 0).reshape(-1, *([1] * (a.ndim - 1)))
+        out = jnp.where(mask, out, jnp.zeros((), a.dtype))
+    return out
+
+
 def _take_rows(term: Term, rows: np.ndarray) -> Term:
     """Row `r` of the result is row `rows[r]` of `term`, or empty where `rows[r] < 0`."""
-    live = rows >= 0
-    safe = np.where(live, rows, 0)
     if isinstance(term, Sel):
-        coef = None if term.coef is None else term.coef[safe]
-        return Sel(coef, np.where(live, term.idx[safe], -1))
-    # Empty rows get zero rows of W, so `c` there is irrelevant.
-    w = term.w[safe]
-    if not live.all():
-        w = jnp.where(live[:, None], w, jnp.zeros((), w.dtype))
-    return Mat(None if term.c is None else term.c[safe], w, term.inner)
+        safe = np.where(rows >= 0, rows, 0)
+        coef = None if term.coef is None else _gather_rows(term.coef, rows)
+        return Sel(coef, np.where(rows >= 0, term.idx[safe], -1))
+    # Empty rows get zero rows of W (s-free, so computed once), and zero `c`.
+    c = None if term.c is None else _gather_rows(term.c, rows)
+    return Mat(c, _gather_rows(term.w, rows), term.inner)
 
 
 def _cast(term: Term, dtype: Any) -> Term:
@@ -260,7 +280,8 @@ class _Interpreter:
         ins = [self.read(v) for v in eqn.invars]
         in_jacs = [self.jac(v) for v in eqn.invars]
         name = eqn.primitive.name
-        if all(j is None for j in in_jacs) or name in _ZERO_DERIVATIVE:
+        no_derivative = name in _ZERO_DERIVATIVE or not any(_is_float(v.aval) for v in eqn.outvars)
+        if no_derivative or all(j is None for j in in_jacs):
             params = eqn.primitive.get_bind_params(eqn.params)
             outs = eqn.primitive.bind(*ins, **params)
             outs = outs if eqn.primitive.multiple_results else [outs]
@@ -329,24 +350,26 @@ def _rule(eqn: Any, ins: list, in_jacs: list) -> tuple[list, list]:
     """Value and terms of the outputs of one non-call equation with `s`-dependent inputs."""
     name, params = eqn.primitive.name, eqn.params
     out_aval = eqn.outvars[0].aval
-    out_shape = tuple(out_aval.shape)
+    out_shape: tuple[int, ...] = tuple(out_aval.shape)
     bind = lambda *args: eqn.primitive.bind(*args, **params)  # noqa: E731
 
     if len(out_shape) > 1:
         raise _Unsupported(f"{name} gives an s-dependent {out_shape} value")
+    m = int(np.prod(out_shape))  # rows of the output's terms (1 for a scalar)
 
     def own(k):  # operand k's terms, broadcast to the output
         return _broadcast_rows(in_jacs[k], tuple(eqn.invars[k].aval.shape), out_shape)
 
     dep = [k for k, j in enumerate(in_jacs) if j is not None]
 
+    minus_one = lambda: -jnp.ones(out_shape or (1,), out_aval.dtype)  # noqa: E731
     if name in ("add", "sub", "add_any"):
         terms = [own(k) for k in dep]
         if name == "sub" and 1 in dep:
-            terms[-1] = [_scale(t, -jnp.ones(out_shape or (1,), out_aval.dtype)) for t in terms[-1]]
+            terms[-1] = [_scale(t, minus_one()) for t in terms[-1]]
         return [bind(*ins)], [_add(out_aval.dtype, *terms)]
     if name == "neg":
-        return [bind(*ins)], [[_scale(t, -jnp.ones(out_shape or (1,), out_aval.dtype)) for t in own(0)]]
+        return [bind(*ins)], [[_scale(t, minus_one()) for t in own(0)]]
     if name in _IDENTITY or (name == "convert_element_type" and _is_float(out_aval)):
         return [bind(*ins)], [[_cast(t, out_aval.dtype) for t in own(0)]]
     if name in _ELEMENTWISE:
@@ -379,7 +402,7 @@ def _rule(eqn: Any, ins: list, in_jacs: list) -> tuple[list, list]:
         offsets = np.cumsum([0, *sizes])
         pieces = []
         for k in dep:
-            rows = np.arange(out_shape[0]) - offsets[k]
+            rows = np.arange(m) - offsets[k]
             rows = np.where((rows >= 0) & (rows < sizes[k]), rows, -1)
             pieces.append([_take_rows(t, rows) for t in in_jacs[k]])
         return [bind(*ins)], [_add(out_aval.dtype, *pieces)]
@@ -392,8 +415,15 @@ def _rule(eqn: Any, ins: list, in_jacs: list) -> tuple[list, list]:
             return [bind(*ins)], [in_jacs[0]]
         if n_in == 1:
             return [bind(*ins)], [_broadcast_rows(in_jacs[0], (), out_shape)]
+    if name == "pad" and in_jacs[1] is None and len(out_shape) == 1:
+        ((lo, _, interior),) = params["padding_config"]
+        q = np.arange(m) - lo  # negative `lo`/`hi` crop
+        n = eqn.invars[0].aval.shape[0]
+        src = q // (interior + 1)
+        rows = np.where((q >= 0) & (q % (interior + 1) == 0) & (src < n), src, -1)
+        return [bind(*ins)], [[_take_rows(t, rows) for t in in_jacs[0]]]
     if name == "rev":
-        return [bind(*ins)], [[_take_rows(t, np.arange(out_shape[0])[::-1]) for t in in_jacs[0]]]
+        return [bind(*ins)], [[_take_rows(t, np.arange(m)[::-1]) for t in in_jacs[0]]]
     if name == "dot_general" and len(dep) == 1:
         return [bind(*ins)], [_dot_general(eqn, ins, in_jacs, dep[0])]
     raise _Unsupported(f"primitive {name} on an s-dependent value")
