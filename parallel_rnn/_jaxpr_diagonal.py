@@ -71,10 +71,6 @@ class Mat:
 Term = Sel | Mat
 
 
-def _rows(term: Term) -> int:
-    return term.idx.shape[0] if isinstance(term, Sel) else term.w.shape[0]
-
-
 def _depth(term: Term) -> int:
     return 0 if isinstance(term, Sel) else 1 + _depth(term.inner)
 

@@ -59,6 +59,13 @@ def _slices(x, s):
     return jnp.concatenate([gate, jnp.tanh(_W[:3] @ s + s[0])])
 
 
+def _repeated(x, s):
+    # Columns 0..2 are hit twice by the selection under each matrix product.
+    del x
+    twice = jnp.concatenate([s[:3], s[:3]])
+    return _W @ jnp.tanh(twice) + _W @ jnp.tanh(_W @ twice)
+
+
 def _lorenz96(x, s):
     del x
     return prnn.cells.Lorenz96(dim=D)(jnp.zeros(D, F64), s)
@@ -72,6 +79,11 @@ STRUCTURED = {
     "sigmoid_tanh_slices_concat": (_slices, _h),
     "lorenz96_rolls_rk4": (_lorenz96, _h),
     "bilinear": (lambda x, s: s * (_W @ s), _h),
+    "non_injective_selection": (_repeated, _h),
+    "scalar_times_vector_pad_flip": (
+        lambda x, s: s[1] * jnp.tanh(_W @ s) + jnp.flip(jnp.pad(s[1:], (0, 1))) * jnp.sum(x),
+        _h,
+    ),
 }
 FALLBACK = {
     "dot_s_s": (lambda x, s: jnp.dot(s, s) * s, _h),
