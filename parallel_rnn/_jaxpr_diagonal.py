@@ -205,7 +205,7 @@ def _term_diagonal(term: Term, D: int, dtype: Any) -> Array:
         if inv is not None:  # one entry per column: gather W[j, inv[j]] (s-free)
             safe, live = inv
             wg = jnp.where(live, term.w[np.arange(D), safe], zero)
-            cg = 1 if inner.coef is None else inner.coef[safe]
+            cg = 1 if inner.coef is None else jnp.where(live, inner.coef[safe], zero)
             return c * wg * cg
         # Several rows of the inner term hit column j: Σ_k W[j,k] coef[k] [idx[k]=j].
         masked = term.w * _sel_matrix(inner.idx, D).T.astype(dtype)
