@@ -19,6 +19,8 @@ Writes `bench_diagonal.csv`, `implicit_ssm_iterations.csv` and
     python -m experiments.bench_diagonal [--quick] [--out results] [--reps 5] [--dtype float64]
 """
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -44,7 +46,7 @@ from ._common import (
 class _NoDiagonal(eqx.Module):
     """The same cell, without `diagonal_jacobian`: the solvers must use autodiff."""
 
-    cell: eqx.Module
+    cell: Callable
 
     def __call__(self, x, h):
         return self.cell(x, h)
@@ -109,9 +111,8 @@ def run(args) -> list[dict]:
     rows = []
     for D in progress(sizes, desc="D"):
         for T in lengths:
-            cell = cells.GRU(
-                D, D, dtype=dtype, key=jax.random.fold_in(jax.random.key(args.seed), D)
-            )
+            key = jax.random.fold_in(jax.random.key(args.seed), D)
+            cell = cells.GRU(D, D, dtype=dtype, key=key)  # pyright: ignore[reportCallIssue]
             xs = jax.random.normal(jax.random.key(args.seed + 1), (T, D), dtype)
             h0 = jnp.zeros(D, dtype)
             t_an, m_an, n_an, ok_an, s_an = _measure(cell, xs, h0, reps)
@@ -171,7 +172,7 @@ def plot(rows: list[dict], path) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    p = study_parser(__doc__.splitlines()[0], solvers=("QuasiDEER",))
+    p = study_parser((__doc__ or "").splitlines()[0], solvers=("QuasiDEER",))
     args = parse(p, argv)
     with dtype_scope(args):
         rows = run(args)
