@@ -89,6 +89,8 @@ FALLBACK = {
     "dot_s_s": (lambda x, s: jnp.dot(s, s) * s, _h),
     "norm": (lambda x, s: jnp.linalg.norm(s) * s, _h),
     "sort": (lambda x, s: jnp.sort(s), _h),
+    "three_matrix_levels": (lambda x, s: _W @ jnp.tanh(_W @ jnp.tanh(_W @ s)), _h),
+    "seventeen_matrix_terms": (lambda x, s: sum(jnp.tanh(k * (_W @ s)) for k in range(1, 18)), _h),
 }
 
 
