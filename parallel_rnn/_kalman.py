@@ -181,21 +181,29 @@ def _parallel_smoother(A, b, m, P, dense, associative=True):
 
 # ---------------------------------------------------------------------------
 # Small dense algebra for the sequential recursions. On CPU every dot and every
-# `jnp.linalg.solve` in a scan body is a library call with a fixed cost per call,
-# whatever D. Up to D = 8 the products are written as fused multiply-and-sums and
-# the solves as Gauss–Jordan sweeps in plain array ops: every matrix solved here
-# is symmetric positive definite with eigenvalues >= 1 (I + λP⁻ and A P Aᵀ + I),
-# for which elimination without pivoting is stable. Faster at D <= 8 and slower
-# from D = 16 (measurements: docs/performance.md).
+# LAPACK call (`jnp.linalg.solve` is an LU factorisation and two triangular
+# solves) in a scan body is a library call with a fixed cost per call, whatever
+# D, and the LAPACK ones go to a multithreaded BLAS, which on a busy machine
+# spends more time synchronising its threads than solving a 64×64 system.
+# Every matrix solved here is symmetric positive definite with eigenvalues >= 1
+# (I + λP⁻ and A P Aᵀ + I), for which elimination without pivoting is stable, so:
+# - up to D = 8 products are fused multiply-and-sums and solves Gauss–Jordan
+#   sweeps in plain array ops;
+# - from D = _BLOCKED the solve is a blocked Gauss–Jordan whose work is nearly
+#   all XLA dots: as fast as single-threaded LAPACK at D = 64 and 128, and 2-4x
+#   less CPU time than `jnp.linalg.solve` with the default BLAS threads on a
+#   loaded machine (and it does not vary with the load);
+# - in between, `jnp.linalg.solve`.
+# Measurements: docs/performance.md.
 
 _SMALL = 8
+_BLOCKED = 32  # from this D on, `_block_gauss_jordan`
+_BLOCK = 16
 
 
-def _spd_solve(M: Float[Array, "D D"], R: Float[Array, "D K"]) -> Float[Array, "D K"]:
-    """`M⁻¹ R` for symmetric positive definite `M` (Gauss–Jordan, no pivoting)."""
+def _gauss_jordan(M: Float[Array, "D D"], R: Float[Array, "D K"]) -> Float[Array, "D K"]:
+    """`M⁻¹ R` for small SPD `M`: unrolled Gauss–Jordan without pivoting."""
     D = M.shape[-1]
-    if D > _SMALL:
-        return jnp.linalg.solve(M, R)
     rows = jnp.arange(D)
 
     def eliminate(k, MR):
@@ -209,6 +217,48 @@ def _spd_solve(M: Float[Array, "D D"], R: Float[Array, "D K"]) -> Float[Array, "
 
     _, R = lax.fori_loop(0, D, eliminate, (M, R), unroll=True)
     return R
+
+
+def _block_gauss_jordan(M: Float[Array, "D D"], R: Float[Array, "D K"]) -> Float[Array, "D K"]:
+    """`M⁻¹ R` for SPD `M`: Gauss–Jordan on `[M | R]` by blocks of `_BLOCK` rows.
+
+    Each step makes one block row's diagonal block the identity (a small
+    Gauss–Jordan) and eliminates that block column from every other row with one
+    matrix product. The loop over blocks is a `fori_loop`, so the program (and its
+    compile time) does not grow with `D`. `D` is padded with identity rows to a
+    multiple of `_BLOCK`.
+    """
+    D, K = R.shape
+    nb = min(_BLOCK, D)
+    blocks = -(-D // nb)
+    Dp = blocks * nb
+    if Dp != D:
+        M = jnp.pad(M, ((0, Dp - D), (0, Dp - D))) + jnp.diag(jnp.arange(Dp) >= D).astype(M.dtype)
+        R = jnp.pad(R, ((0, Dp - D), (0, 0)))
+    rows = jnp.arange(Dp)
+
+    def eliminate(k, X):
+        start = k * nb
+        block_rows = lax.dynamic_slice_in_dim(X, start, nb, axis=0)
+        pivot = lax.dynamic_slice_in_dim(block_rows, start, nb, axis=1)
+        block_rows = _gauss_jordan(pivot, block_rows)
+        col = lax.dynamic_slice_in_dim(X, start, nb, axis=1)
+        col = jnp.where(((rows >= start) & (rows < start + nb))[:, None], 0, col)
+        X = X - _mm(col, block_rows)
+        return lax.dynamic_update_slice_in_dim(X, block_rows, start, axis=0)
+
+    X = lax.fori_loop(0, blocks, eliminate, jnp.concatenate([M, R], axis=-1))
+    return X[:D, Dp:]
+
+
+def _spd_solve(M: Float[Array, "D D"], R: Float[Array, "D K"]) -> Float[Array, "D K"]:
+    """`M⁻¹ R` for symmetric positive definite `M` (no pivoting; see above)."""
+    D = M.shape[-1]
+    if D <= _SMALL:
+        return _gauss_jordan(M, R)
+    if D >= _BLOCKED:
+        return _block_gauss_jordan(M, R)
+    return jnp.linalg.solve(M, R)
 
 
 # ---------------------------------------------------------------------------
@@ -229,16 +279,22 @@ def _small_mv(a, x):
 
 def _sequential_filter(A, b, y, lam, dense):
     D = b.shape[-1]
+    eye = jnp.eye(D, dtype=b.dtype)
+    # ELK pins its solved prefix with λ_t = inf: there the posterior is N(y_t, 0)
+    # whatever the prediction, and after a pinned step the prediction's
+    # covariance is exactly I. A dense step that follows a pinned one (or is the
+    # first) and is pinned itself is therefore skipped (`lax.cond` runs one branch
+    # on every backend; under `vmap` it becomes a select, computing both), which
+    # saves the O(D³) work on the whole solved prefix.
+    skip_pinned = dense and D > _SMALL
 
-    def step(carry, inp):
-        m, P = carry
-        A_t, b_t, y_t, lam_t = inp
+    def update(m, P, A_t, b_t, y_t, lam_t):
         pinned = jnp.isinf(lam_t)
         lam = jnp.where(pinned, 0, lam_t)
         if dense:
             m_pred = _small_mv(A_t, m) + b_t
-            P_pred = _sym(_small_mm(_small_mm(A_t, P), _t(A_t))) + jnp.eye(D, dtype=b.dtype)
-            P = _sym(_spd_solve(jnp.eye(D, dtype=b.dtype) + lam * P_pred, P_pred))
+            P_pred = _sym(_small_mm(_small_mm(A_t, P), _t(A_t))) + eye
+            P = _sym(_spd_solve(eye + lam * P_pred, P_pred))
             m = m_pred + lam * _small_mv(P, y_t - m_pred)
         else:
             m_pred = A_t * m + b_t
@@ -248,18 +304,35 @@ def _sequential_filter(A, b, y, lam, dense):
         # λ_t = inf observes s_t exactly: posterior N(y_t, 0).
         m = jnp.where(pinned, y_t, m)
         P = jnp.where(pinned, 0, P)
-        return (m, P), (m, P, m_pred, P_pred)
+        return m, P, m_pred, P_pred
+
+    def pinned_update(m, P, A_t, b_t, y_t, lam_t):
+        # `update` when λ_t = inf and P_{t-1} = 0, without the O(D³) work.
+        return y_t, jnp.zeros_like(P), _small_mv(A_t, m) + b_t, eye
+
+    def step(carry, inp):
+        m, P, exact = carry  # exact: P = 0 from a pinned step (or the start)
+        A_t, b_t, y_t, lam_t = inp
+        pinned = jnp.isinf(lam_t)
+        if skip_pinned:
+            m, P, m_pred, P_pred = lax.cond(
+                pinned & exact, pinned_update, update, m, P, A_t, b_t, y_t, lam_t
+            )
+        else:
+            m, P, m_pred, P_pred = update(m, P, A_t, b_t, y_t, lam_t)
+        return (m, P, pinned), (m, P, m_pred, P_pred)
 
     # m_0 = 0, P_0 = 0 makes the first prediction N(b_1, I) whatever A_1 is.
     zero_P = jnp.zeros(A.shape[1:], b.dtype)
-    _, out = lax.scan(step, (jnp.zeros_like(b[0]), zero_P), (A, b, y, lam))
+    init = (jnp.zeros_like(b[0]), zero_P, jnp.asarray(True))
+    _, out = lax.scan(step, init, (A, b, y, lam))
     return out
 
 
-def _sequential_smoother(A, m, P, m_pred, P_pred, dense):
-    def step(carry, inp):
-        ms, Ps = carry
-        m_t, P_t, F, mp, Pp = inp
+def _sequential_smoother(A, m, P, m_pred, P_pred, lam, dense):
+    skip_pinned = dense and m.shape[-1] > _SMALL
+
+    def update(ms, Ps, m_t, P_t, F, mp, Pp):
         if dense:
             E = _t(_spd_solve(Pp, _small_mm(F, P_t)))  # P_t Fᵀ Pp⁻¹
             ms = m_t + _small_mv(E, ms - mp)
@@ -268,9 +341,23 @@ def _sequential_smoother(A, m, P, m_pred, P_pred, dense):
             E = P_t * F / Pp
             ms = m_t + E * (ms - mp)
             Ps = P_t + E**2 * (Ps - Pp)
+        return ms, Ps
+
+    def pinned_update(ms, Ps, m_t, P_t, F, mp, Pp):
+        # A pinned step has P_t = 0, hence E = 0: the smoothed posterior is the
+        # filtered one, N(m_t, 0), without the O(D³) work.
+        return m_t, P_t
+
+    def step(carry, inp):
+        ms, Ps = carry
+        pinned, *rest = inp
+        if skip_pinned:
+            ms, Ps = lax.cond(pinned, pinned_update, update, ms, Ps, *rest)
+        else:
+            ms, Ps = update(ms, Ps, *rest)
         return (ms, Ps), (ms, Ps)
 
-    inp = (m[:-1], P[:-1], A[1:], m_pred[1:], P_pred[1:])
+    inp = (jnp.isinf(lam[:-1]), m[:-1], P[:-1], A[1:], m_pred[1:], P_pred[1:])
     _, (ms, Ps) = lax.scan(step, (m[-1], P[-1]), inp, reverse=True)
     return jnp.concatenate([ms, m[-1:]]), jnp.concatenate([Ps, P[-1:]])
 
@@ -341,7 +428,7 @@ def kalman_smoother(
     associative = resolve_method(method) == "associative"
     if not associative and sequence_axis() is None:
         m, P, m_pred, P_pred = _sequential_filter(A, b, y, lam, dense)
-        return _sequential_smoother(A, m, P, m_pred, P_pred, dense)
+        return _sequential_smoother(A, m, P, m_pred, P_pred, lam, dense)
     k, c = _gains(lam)
     m, P = _parallel_filter(A, b, y, k, c, dense, associative)
     return _parallel_smoother(A, b, m, P, dense, associative)

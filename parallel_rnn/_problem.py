@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 from ._gated import GatedJacobian, vmap_gated
+from ._jaxpr_diagonal import structured_value_and_diagonal
 from ._shard import shift_right
 
 
@@ -178,6 +179,9 @@ class Problem(eqx.Module):
                 return spec.ravel(value), spec.ravel(diag)
 
             return jax.vmap(both)(self.inputs, prev)
+        structured = self._structured_diagonal()
+        if structured is not None:
+            return jax.vmap(structured)(self.inputs, prev)
         fs = jax.vmap(self.fn)(self.inputs, prev)
         return fs, self.diagonal_at(prev)
 
@@ -222,7 +226,20 @@ class Problem(eqx.Module):
         """Diagonal of `∂f/∂s` at the given predecessors `prev = (s_0..s_{T-1})`."""
         if self.fn.diag is not None:
             return jax.vmap(self.fn.diagonal)(self.inputs, prev)
+        structured = self._structured_diagonal()
+        if structured is not None:
+            return jax.vmap(structured)(self.inputs, prev)[1]
         return autodiff_diagonal(self.fn, self.inputs, prev)
+
+    def _structured_diagonal(self) -> Callable | None:
+        """`(x_t, s) ↦ (f, diag ∂f/∂s)` read off the cell's jaxpr (`_jaxpr_diagonal.py`),
+        or `None` when the cell has an analytic diagonal or is not representable."""
+        if self.fn.diag is not None:
+            return None
+        step = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), self.inputs
+        )
+        return structured_value_and_diagonal(self.fn, step, self.init)
 
 
 def autodiff_diagonal(
