@@ -102,12 +102,20 @@ def published_rows(path: str, cell, xs, s0, reps: int) -> list[dict]:
     return rows
 
 
+def _tolerance(text: str) -> float | None:
+    return None if text == "default" else float(text)
+
+
 def main(argv=None) -> list[dict]:
     p = parser(__doc__)
     p.add_argument("--T", type=int, default=None)
     p.add_argument("--D", type=int, default=16)
     p.add_argument(
-        "--tol", type=float, nargs="+", default=[None], help="rtol = atol (None: default)"
+        "--tol",
+        type=_tolerance,
+        nargs="+",
+        default=[None],
+        help="rtol = atol of the library's solves ('default': its own), e.g. --tol default 1e-4",
     )
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
