@@ -133,12 +133,17 @@ def dense_to_blocks(jac: Float[Array, "... D D"], k: int) -> Float[Array, "... n
     return jnp.moveaxis(jnp.diagonal(J, axis1=-3, axis2=-1), -1, -3)  # (..., n, k, k)
 
 
-def _check_blocks(f: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> None:
-    name = "value_and_block_jacobian"
+def _jacobian_shape(f: Callable, name: str, x_t: PyTree, init_state: PyTree):
+    """The abstract Jacobian part of a closed form `f(input_t, state) -> (new, jac)`."""
     try:
-        _, blocks = eqx.filter_eval_shape(f, x_t, init_state)
+        return eqx.filter_eval_shape(f, x_t, init_state)[1]
     except Exception as e:
         raise TypeError(f"calling `{name}(input_t, state)` failed: {e}") from e
+
+
+def _check_blocks(f: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> None:
+    name = "value_and_block_jacobian"
+    blocks = _jacobian_shape(f, name, x_t, init_state)
     shape = getattr(blocks, "shape", None)
     if (
         shape is None
@@ -204,8 +209,4 @@ def flat_cell(cell: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) 
 
 def _check_gated(f: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> None:
     name = "value_and_gated_jacobian"
-    try:
-        _, jac = eqx.filter_eval_shape(f, x_t, init_state)
-    except Exception as e:
-        raise TypeError(f"calling `{name}(input_t, state)` failed: {e}") from e
-    check_gated(jac, spec.size, name)
+    check_gated(_jacobian_shape(f, name, x_t, init_state), spec.size, name)
