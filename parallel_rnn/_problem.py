@@ -183,7 +183,7 @@ class Problem(eqx.Module):
         if structured is not None:
             return jax.vmap(structured)(self.inputs, prev)
         fs = jax.vmap(self.fn)(self.inputs, prev)
-        return fs, self.diagonal_at(prev)
+        return fs, self._plain_diagonal(prev)  # the jaxpr analysis has already failed
 
     def linearise_exact(
         self, states: Float[Array, "T D"]
@@ -224,11 +224,15 @@ class Problem(eqx.Module):
 
     def diagonal_at(self, prev: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """Diagonal of `∂f/∂s` at the given predecessors `prev = (s_0..s_{T-1})`."""
-        if self.fn.diag is not None:
-            return jax.vmap(self.fn.diagonal)(self.inputs, prev)
-        structured = self._structured_diagonal()
+        structured = self._structured_diagonal()  # None when the cell has its own
         if structured is not None:
             return jax.vmap(structured)(self.inputs, prev)[1]
+        return self._plain_diagonal(prev)
+
+    def _plain_diagonal(self, prev: Float[Array, "T D"]) -> Float[Array, "T D"]:
+        """The cell's analytic diagonal, else `D` JVP passes (no jaxpr analysis)."""
+        if self.fn.diag is not None:
+            return jax.vmap(self.fn.diagonal)(self.inputs, prev)
         return autodiff_diagonal(self.fn, self.inputs, prev)
 
     def _structured_diagonal(self) -> Callable | None:
