@@ -23,6 +23,7 @@ from ._solver import (
     AbstractSolver as AbstractSolver,
     BlockQuasiDEER as BlockQuasiDEER,
     Jacobi as Jacobi,
+    MultipleShooting as MultipleShooting,
     Picard as Picard,
     QuasiDEER as QuasiDEER,
     QuasiELK as QuasiELK,

@@ -8,3 +8,4 @@ from .block import BlockQuasiDEER as BlockQuasiDEER
 from .deer import DEER as DEER, QuasiDEER as QuasiDEER
 from .elk import ELK as ELK, QuasiELK as QuasiELK
 from .picard import Jacobi as Jacobi, Picard as Picard
+from .shooting import MultipleShooting as MultipleShooting

@@ -1,0 +1,86 @@
+"""MultipleShooting against lax.scan and BPTT: values, the <= P - 1 bound, jit/vmap."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import parallel_rnn as prnn
+
+from .helpers import gru_problem, lstm_problem, max_abs_diff, scan_reference
+
+
+T = 60
+ERR = {jnp.float32: 1e-4, jnp.float64: 1e-9}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "solver",
+    [prnn.MultipleShooting(), prnn.MultipleShooting(chunk=7, jacobians="diagonal")],
+    ids=["exact", "diagonal-L7"],
+)
+def test_matches_sequential_scan_on_a_pytree_state(solver, dtype):
+    cell, xs, s0 = lstm_problem(dtype, T)
+    sol = prnn.solve_parallel(cell, xs, s0, solver)
+    assert bool(sol.converged)
+    for leaf in jax.tree_util.tree_leaves(sol.states):
+        assert leaf.dtype == dtype
+    assert max_abs_diff(sol.states, scan_reference(cell, xs, s0)) < ERR[dtype]
+
+
+@pytest.mark.parametrize("globalise", [True, False])
+def test_at_most_p_minus_one_iterations_on_a_chaotic_cell(globalise):
+    # weight_hh x 6: an unstable GRU whose Newton steps explode from a cold start.
+    cell, xs, s0 = gru_problem(jnp.float64, T, scale=6.0)
+    L = 8
+    P = -(-T // L)  # the last chunk is padded
+    sol = prnn.solve_parallel(
+        cell, xs, s0, prnn.MultipleShooting(chunk=L, globalise=globalise), max_steps=P - 1
+    )
+    assert bool(sol.converged) and 1 <= int(sol.num_steps) <= P - 1
+    assert bool(jnp.all(jnp.isfinite(sol.states)))
+    assert max_abs_diff(sol.states, scan_reference(cell, xs, s0)) < 1e-9
+
+
+def test_one_chunk_is_the_sequential_scan():
+    cell, xs, s0 = gru_problem(jnp.float64, T)
+    sol = prnn.solve_parallel(cell, xs, s0, prnn.MultipleShooting(chunk=T))
+    assert int(sol.num_steps) == 0 and bool(sol.converged)
+    assert max_abs_diff(sol.states, scan_reference(cell, xs, s0)) < 1e-12
+
+
+def test_jit_and_vmap_give_each_sequence_its_own_answer():
+    cell, xs, s0 = gru_problem(jnp.float32, T)
+    batch = jnp.stack([xs, 3 * xs[::-1], 0.1 * xs])
+
+    @jax.jit
+    def solve(x):
+        return prnn.solve_parallel(cell, x, s0, prnn.MultipleShooting(chunk=9)).states
+
+    out = jax.vmap(solve)(batch)
+    for i in range(batch.shape[0]):
+        assert max_abs_diff(out[i], scan_reference(cell, batch[i], s0)) < ERR[jnp.float32]
+
+
+def test_gradient_equals_bptt():
+    cell, xs, s0 = gru_problem(jnp.float64, T, scale=2.0)
+    solver = prnn.MultipleShooting(chunk=10)
+
+    def loss(c, x, h, solve):
+        return jnp.sum(jnp.sin(solve(c, x, h)))
+
+    par = lambda c, x, h: prnn.solve_parallel(c, x, h, solver).states
+    g = eqx.filter_grad(loss)(cell, xs, s0, par)
+    g_ref = eqx.filter_grad(loss)(cell, xs, s0, scan_reference)
+    assert max_abs_diff(g, g_ref) < 1e-8
+    gx = jax.grad(loss, argnums=(1, 2))(cell, xs, s0, par)
+    gx_ref = jax.grad(loss, argnums=(1, 2))(cell, xs, s0, scan_reference)
+    assert max_abs_diff(gx, gx_ref) < 1e-8
+
+
+def test_bad_options_fail_at_construction():
+    with pytest.raises(ValueError, match="`chunk`"):
+        prnn.MultipleShooting(chunk=0)
+    with pytest.raises(ValueError, match="`jacobians`"):
+        prnn.MultipleShooting(jacobians="full")
