@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from . import cells as cells
+from ._cost import calibrate as calibrate
 from ._gated import GatedJacobian as GatedJacobian
 from ._lyapunov import lyapunov_exponent as lyapunov_exponent
 from ._scan import (

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from ._bounded import finish_sequentially, keep_iterating, may_start
+from ._polish import polish_states
 from ._problem import Problem
 from ._shard import globalise_status, lockstep
 from ._solution import RESULTS
@@ -56,6 +58,8 @@ class Outcome(eqx.Module):
     residual: Float[Array, ""]
     trace: Float[Array, " max_steps"] | None
     result: RESULTS
+    error_estimate: Float[Array, ""] | None = None
+    sequential_steps: Int[Array, ""] | None = None
 
 
 def iterate(
@@ -68,6 +72,8 @@ def iterate(
     max_steps: int,
     trace: bool,
     certify: bool = True,
+    polish: bool = False,
+    switch_cost: float | None = None,
 ) -> Outcome:
     """Run `solver` from `guess` until the residual meets the tolerance.
 
@@ -77,7 +83,23 @@ def iterate(
     solver's own `fs` may come from a fused `value_and_*` method of the cell,
     which may steer the iteration but must not vouch for its answer. (Pass
     `certify=False` only when the solver's `fs` *is* the problem's function.)
+
+    `switch_cost` (bounded mode, `_bounded.py`): the cost of one iteration in
+    sequential cell steps. Iterations run only while they can still pay; the
+    unconverged suffix is then finished by an exact sequential pass.
+    `polish` (`_polish.py`): estimate the distance to the exact trajectory with one
+    exact linearised correction, and apply it when the certified residual allows.
     """
+    T = guess.shape[0]
+    if switch_cost is not None and not may_start(switch_cost, T):
+        # Not even the first linearisation can pay: the sequential scan.
+        states = finish_sequentially(problem, guess, jnp.array(0, jnp.int32))
+        zero = jnp.array(0, jnp.int32)
+        history = jnp.full((max_steps,), jnp.nan, guess.dtype) if trace else None
+        return _certified(
+            problem, solver, states, zero, None, history, rtol, atol, polish,
+            sequential=jnp.array(T, jnp.int32),
+        )
     # With certification the loop aims at half the tolerance: a fused
     # `value_and_*` may differ from the plain cell by a few ulps, and at float32's
     # default tolerance (32·eps) that alone would leave a solve that met the
@@ -90,7 +112,10 @@ def iterate(
 
     def cond(carry):
         _, _, n, status, _ = carry
-        return ~status.converged & ~status.stalled & (n < max_steps)
+        go = ~status.converged & ~status.stalled & (n < max_steps)
+        if switch_cost is not None:
+            go = go & keep_iterating(switch_cost, n, T - status.frontier)
+        return go
 
     def body(carry):
         it, solver_state, n, status, history = carry
@@ -102,18 +127,66 @@ def iterate(
 
     carry = (it, solver_state, jnp.array(0, jnp.int32), status, history)
     it, _, n, status, history = lax.while_loop(*lockstep(cond, body), carry)
+    if switch_cost is not None:
+        finish = ~status.converged & ~status.stalled
+        sequential = jnp.where(finish, T - status.frontier, 0).astype(jnp.int32)
+        states = finish_sequentially(problem, it.states, jnp.where(finish, status.frontier, T))
+        return _certified(
+            problem, solver, states, n, status, history, rtol, atol, polish, sequential
+        )
     if certify:
-        final_fs = _unshared(problem, n).evaluate(it.states)
-        final = assess(Iterate(it.states, final_fs, None), rtol, atol)
-    else:
-        final = status
-    result = RESULTS.where(
+        return _certified(problem, solver, it.states, n, status, history, rtol, atol, polish)
+    return Outcome(it.states, n, status.converged, status.residual, history, _result(status, status))
+
+
+def _result(final: Status, loop: Status | None) -> RESULTS:
+    if loop is None:
+        loop = final
+    return RESULTS.where(
         final.converged,
         RESULTS.successful,
         RESULTS.where(
-            status.converged,
+            loop.converged,
             RESULTS.not_certified,
-            RESULTS.where(status.stalled, RESULTS.nonfinite, RESULTS.max_steps_reached),
+            RESULTS.where(loop.stalled, RESULTS.nonfinite, RESULTS.max_steps_reached),
         ),
     )
-    return Outcome(it.states, n, final.converged, final.residual, history, result)
+
+
+def _certified(
+    problem: Problem,
+    solver: AbstractSolver,
+    states: Float[Array, "T D"],
+    n: Int[Array, ""],
+    loop: Status | None,
+    history,
+    rtol: float,
+    atol: float,
+    polish: bool,
+    sequential: Int[Array, ""] | None = None,
+) -> Outcome:
+    """The outcome with `converged`/`residual` from the cell's own `__call__`."""
+    evaluate = _unshared(problem, n).evaluate
+    final_fs = evaluate(states)
+    final = assess(Iterate(states, final_fs, None), rtol, atol)
+    estimate = None
+    if polish:
+        states, final, estimate = polish_states(
+            problem,
+            solver,
+            states,
+            final_fs,
+            final,
+            lambda it: assess(it, rtol, atol),
+            evaluate,
+            rtol,
+            atol,
+        )
+    if loop is None or sequential is not None:
+        # A sequential finish makes the loop's own status moot: the states are exact
+        # unless the true trajectory is not finite.
+        loop = final if loop is None else eqx.tree_at(lambda s: s.converged, loop, final.converged)
+    return Outcome(
+        states, n, final.converged, final.residual, history, _result(final, loop), estimate,
+        sequential,
+    )

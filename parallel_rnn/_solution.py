@@ -65,6 +65,16 @@ class Solution(eqx.Module):
       `successful` (exactly when `converged`), `max_steps_reached`, `nonfinite` (no
       progress possible: the cell is not finite on the exact prefix) or
       `not_certified` (the solver's fused cell evaluation disagrees with `__call__`).
+    - `error_estimate`: with `polish=True` (the default), `max_t |δ_t|` for the
+      exact Newton correction `δ` at the states the solver stopped at: a
+      first-order estimate of their max-abs distance to the exact trajectory (see
+      docs/accuracy.md; meaningless on chaotic cells). When the polish was applied
+      the returned states are that corrected trajectory, whose own error is then
+      typically far below the estimate. `inf` if the correction is not finite,
+      `None` with `polish=False`.
+    - `sequential_steps`: in the bounded mode, how many time steps were finished by
+      the exact sequential pass (`0` if the parallel iterations converged, `T` if
+      none were run); `None` otherwise.
     """
 
     states: PyTree
@@ -73,3 +83,5 @@ class Solution(eqx.Module):
     residual: Float[Array, ""]
     trace: Float[Array, " max_steps"] | None
     result: RESULTS
+    error_estimate: Float[Array, ""] | None = None
+    sequential_steps: Int[Array, ""] | None = None

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from ._adjoint import adjoint, tangent
+from ._cost import check_bounded, switch_cost
 from ._iterate import Outcome, iterate
 from ._problem import Problem
 from ._solution import RESULTS, Solution
@@ -98,6 +99,8 @@ def solve_parallel(
     max_steps: int | None = None,
     throw: bool = True,
     trace: bool = False,
+    polish: bool = True,
+    bounded: bool | float = False,
 ) -> Solution:
     """Evaluate the recurrence `s_t = cell(x_t, s_{t-1})`, `t = 1..T`, in parallel over `t`.
 
@@ -136,6 +139,19 @@ def solve_parallel(
       the message is part of the `JaxRuntimeError`'s text; use `eqx.filter_jit`
       for a clean `EquinoxRuntimeError`, or `throw=False` and `Solution.result`.
     - `trace`: if True, record the residual after every iteration in `Solution.trace`.
+    - `polish`: after the iterations, take one exact Newton correction `δ` at the
+      final states: `max|δ|` is reported as `Solution.error_estimate` (a first-order
+      estimate of the distance to the exact trajectory), and the corrected states are
+      returned when their certified residual allows (docs/accuracy.md). Costs about
+      one iteration of `DEER`. Default True.
+    - `bounded`: the bounded mode (docs/when-parallel-pays.md). `False` (default):
+      iterate until converged or `max_steps`. `True`: run parallel iterations only
+      while, by the cost model of this backend, they can still beat finishing
+      sequentially, then finish the unconverged suffix with an exact sequential pass
+      (`Solution.sequential_steps` says how many steps); the total cost is at most
+      about twice the cheaper of pure parallel and pure sequential evaluation. A
+      number: the cost of one iteration in sequential cell steps (e.g. from
+      `prnn.calibrate`), instead of the backend's default.
 
     **Returns:** a [`parallel_rnn.Solution`][]. The states are always finite, and
     `converged`/`residual` are certified by one evaluation of the cell's own
@@ -152,14 +168,26 @@ def solve_parallel(
         raise TypeError(f"`solver` must be a parallel_rnn solver (e.g. DEER()); got {solver!r}")
     # Before the jit boundary, where NumPy scalars are still concrete.
     rtol, atol, max_steps = normalise_options(rtol, atol, max_steps)
+    bounded = check_bounded(bounded)
     return _solve_parallel(
-        cell, inputs, init_state, solver, guess, rtol, atol, max_steps, bool(throw), bool(trace)
+        cell,
+        inputs,
+        init_state,
+        solver,
+        guess,
+        rtol,
+        atol,
+        max_steps,
+        bool(throw),
+        bool(trace),
+        bool(polish),
+        bounded,
     )
 
 
 @eqx.filter_jit
 def _solve_parallel(
-    cell, inputs, init_state, solver, guess, rtol, atol, max_steps, throw, trace
+    cell, inputs, init_state, solver, guess, rtol, atol, max_steps, throw, trace, polish, bounded
 ) -> Solution:
     T = check_inputs(inputs)
     spec = check_state(init_state)
@@ -191,6 +219,8 @@ def _solve_parallel(
         atol=atol,
         max_steps=max_steps,
         trace=trace,
+        polish=polish,
+        switch_cost=switch_cost(bounded, solver, T, spec.size),
     )
     states = _implicit(problem, out.states, solver=solver, rtol=rtol, atol=atol, throw=throw)
     if throw:
@@ -202,4 +232,6 @@ def _solve_parallel(
         out.residual,
         out.trace,
         out.result,
+        out.error_estimate,
+        out.sequential_steps,
     )
