@@ -282,6 +282,7 @@ SOLVER_STYLE = {
     "QuasiDEER": dict(color="C1", marker="s", linestyle="--"),
     "ELK": dict(color="C2", marker="^", linestyle="-."),
     "QuasiELK": dict(color="C3", marker="v", linestyle=":"),
+    "MultipleShooting": dict(color="C6", marker="D", linestyle="-"),
     "Picard": dict(color="C4", marker="x", linestyle="-"),
     "Jacobi": dict(color="C5", marker="+", linestyle="--"),
 }

@@ -4,6 +4,7 @@ import importlib.metadata
 
 from . import cells as cells
 from ._cost import calibrate as calibrate
+from ._diagnose import Diagnosis as Diagnosis, Prediction as Prediction, diagnose as diagnose
 from ._gated import GatedJacobian as GatedJacobian
 from ._lyapunov import lyapunov_exponent as lyapunov_exponent
 from ._scan import (

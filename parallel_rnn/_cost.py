@@ -68,7 +68,7 @@ def _family(solver: AbstractSolver) -> str:
     from ._solver.shooting import MultipleShooting
 
     if isinstance(solver, MultipleShooting):
-        return "shooting_exact" if solver.jacobians == "exact" else "shooting"
+        return "shooting_exact" if solver.solver.jacobian == "dense" else "shooting"
     if isinstance(solver, ELK):
         return "elk"
     if isinstance(solver, QuasiELK):
@@ -86,10 +86,7 @@ def default_cost(solver: AbstractSolver, T: int, D: int, backend: str | None = N
             kappa *= 1 + D  # D tangents pushed through every chunk
         return kappa * T
     if family.startswith("shooting"):
-        from ._solver.shooting import default_chunk
-
-        chunk = getattr(solver, "chunk", None)
-        L = min(T, default_chunk(T) if chunk is None else chunk)
+        L = solver.chunk_length(T)  # pyright: ignore[reportAttributeAccessIssue]
         return float(L + math.log2(max(T // L, 1)) + 1)  # its depth in sequential steps
     a, b = _GPU_COST[family]
     return a + b * math.log2(max(T, 2))

@@ -1,4 +1,4 @@
-"""MultipleShooting against lax.scan and BPTT: values, the <= P - 1 bound, jit/vmap."""
+"""MultipleShooting against lax.scan and BPTT: values, the <= P bound, jit/vmap."""
 
 import equinox as eqx
 import jax
@@ -14,11 +14,15 @@ T = 60
 ERR = {jnp.float32: 1e-4, jnp.float64: 1e-9}
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize(
-    "solver",
-    [prnn.MultipleShooting(), prnn.MultipleShooting(chunk=7, jacobians="diagonal")],
-    ids=["exact", "diagonal-L7"],
+    "solver, dtype",
+    [
+        (prnn.MultipleShooting(), jnp.float32),
+        (prnn.MultipleShooting(), jnp.float64),
+        (prnn.MultipleShooting(chunk=7, solver=prnn.QuasiDEER()), jnp.float64),
+        (prnn.MultipleShooting(chunk=16, solver=prnn.ELK()), jnp.float32),
+    ],
+    ids=["DEER-f32", "DEER-f64", "QuasiDEER-L7-f64", "ELK-L16-f32"],
 )
 def test_matches_sequential_scan_on_a_pytree_state(solver, dtype):
     cell, xs, s0 = lstm_problem(dtype, T)
@@ -30,15 +34,14 @@ def test_matches_sequential_scan_on_a_pytree_state(solver, dtype):
 
 
 @pytest.mark.parametrize("globalise", [True, False])
-def test_at_most_p_minus_one_iterations_on_a_chaotic_cell(globalise):
+def test_at_most_p_iterations_on_a_chaotic_cell(globalise):
     # weight_hh x 6: an unstable GRU whose Newton steps explode from a cold start.
     cell, xs, s0 = gru_problem(jnp.float64, T, scale=6.0)
     L = 8
     P = -(-T // L)  # the last chunk is padded
-    sol = prnn.solve_parallel(
-        cell, xs, s0, prnn.MultipleShooting(chunk=L, globalise=globalise), max_steps=P - 1
-    )
-    assert bool(sol.converged) and 1 <= int(sol.num_steps) <= P - 1
+    solver = prnn.MultipleShooting(chunk=L, solver=prnn.DEER(globalise=globalise))
+    sol = prnn.solve_parallel(cell, xs, s0, solver, max_steps=P)
+    assert bool(sol.converged) and 1 <= int(sol.num_steps) <= P
     assert bool(jnp.all(jnp.isfinite(sol.states)))
     assert max_abs_diff(sol.states, scan_reference(cell, xs, s0)) < 1e-9
 
@@ -82,5 +85,5 @@ def test_gradient_equals_bptt():
 def test_bad_options_fail_at_construction():
     with pytest.raises(ValueError, match="`chunk`"):
         prnn.MultipleShooting(chunk=0)
-    with pytest.raises(ValueError, match="`jacobians`"):
-        prnn.MultipleShooting(jacobians="full")
+    with pytest.raises(TypeError, match="`solver`"):
+        prnn.MultipleShooting(solver=prnn.MultipleShooting())
