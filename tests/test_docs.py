@@ -9,7 +9,8 @@ line before its opening fence is the HTML comment `<!-- fragment -->` (invisible
 the rendered page): use it for snippets that are not meant to run on their own.
 Only blocks whose info string starts with `python` run; `bash` and others never do.
 
-Run one page by hand with `python tests/test_docs.py docs/gradients.md`.
+Run one page by hand with `python tests/test_docs.py docs/gradients.md` (it prints
+the seconds each block took); `pytest -m "not docs"` leaves these tests out.
 """
 
 import os
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+
+pytestmark = pytest.mark.docs
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAGMENT = "<!-- fragment -->"
