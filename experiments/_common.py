@@ -63,8 +63,19 @@ def available_solvers(names: Iterable[str] = SOLVER_NAMES) -> dict:
     return {n: getattr(prnn, n)() for n in names}
 
 
-def _number(text: str) -> int:
-    """An integer written as `1000`, `1e3` or `1_000`."""
+def parse_solver(expression: str):
+    """`("QuasiELK(damping=0.1)", QuasiELK(damping=0.1))` from a solver expression,
+    evaluated with `parallel_rnn`'s names in scope (the `--extra` option of studies)."""
+    import parallel_rnn as prnn
+
+    solver = eval(expression, {"__builtins__": {}}, {**vars(prnn), "prnn": prnn})  # noqa: S307
+    if not isinstance(solver, prnn.AbstractSolver):
+        raise ValueError(f"{expression!r} is not a parallel_rnn solver: {solver!r}")
+    return expression, solver
+
+
+def number(text: str) -> int:
+    """An integer written as `1000`, `1e3` or `1_000` (the `type=` of size options)."""
     value = float(text.replace("_", ""))
     if value != int(value) or value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
@@ -92,9 +103,9 @@ def study_parser(
     p = parser(description)
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
-        "--T", type=_number, nargs="+", default=None, help="sequence length(s), e.g. 1e3 1e4"
+        "--T", type=number, nargs="+", default=None, help="sequence length(s), e.g. 1e3 1e4"
     )
-    p.add_argument("--D", type=_number, nargs="+", default=None, help="state size(s)")
+    p.add_argument("--D", type=number, nargs="+", default=None, help="state size(s)")
     p.add_argument(
         "--solvers", nargs="+", default=list(solvers), metavar="NAME", help="solvers to run"
     )

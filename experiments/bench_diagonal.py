@@ -173,7 +173,7 @@ def plot(rows: list[dict], path) -> None:
 
 def main(argv=None) -> list[dict]:
     p = study_parser((__doc__ or "").splitlines()[0], solvers=("QuasiDEER",))
-    args = parse(p, argv)
+    args = parse(p, argv, solver_names=("QuasiDEER",))
     with dtype_scope(args):
         rows = run(args)
         implicit = run_implicit(args)

@@ -26,7 +26,7 @@ from parallel_rnn import _jaxpr_diagonal
 from parallel_rnn._problem import Problem, make_spec
 from parallel_rnn._structure import flat_cell
 
-from ._common import format_table, parser, time_fn, write_csv
+from ._common import format_table, number, parser, time_fn, write_csv
 
 
 class MLPCell(eqx.Module):
@@ -123,8 +123,8 @@ def measure(cell, xs, s0, reps, *, jaxpr: bool) -> tuple[float, float]:
 
 def main(argv=None) -> list[dict]:
     p = parser(__doc__ or "")
-    p.add_argument("--D", nargs="+", type=int, default=None)
-    p.add_argument("--T", type=int, default=None)
+    p.add_argument("--D", nargs="+", type=number, default=None)
+    p.add_argument("--T", type=number, default=None)
     p.add_argument("--cells", nargs="+", default=["gru", "lstm", "mlp"])
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

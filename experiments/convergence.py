@@ -1,6 +1,7 @@
 """Residual against iteration for every solver, on a stable, an unstable and a chaotic cell.
 
     python -m experiments.convergence [--quick] [--out results] [--dtype float32] [--cases ...]
+        [--extra "ELK(damping=1e-3, adaptive=False)" ...]
 
 Cases (inputs of size 4 for the GRUs, `T = 1000`; `--quick`: `T = 300`, `D = 8`):
 
@@ -16,6 +17,8 @@ and `.png` (log scale: non-finite and zero residuals are left out, the
 tolerance is drawn, solvers that hit `max_steps` are labelled), and prints a
 table of iterations, whether each solve converged or hit `max_steps`, its error
 against `lax.scan`, and the wall-clock time of the solve after compilation.
+`--extra` adds solver expressions evaluated with `parallel_rnn`'s names in scope
+(e.g. a fixed-damping sweep, or `DEER(globalise=False)`), labelled by the expression.
 """
 
 import equinox as eqx
@@ -31,6 +34,7 @@ from ._common import (
     dtype_scope,
     format_table,
     parse,
+    parse_solver,
     plot_residuals,
     progress,
     pyplot,
@@ -98,11 +102,11 @@ def run_case(name, T, hidden, dtype, reps, seed, solver_list, bar):
 
 def run(args) -> tuple[list[dict], dict]:
     cases = ["gru"] if args.smoke else args.cases
-    T = by_mode(args, smoke=20, quick=300, full=(args.T or [1000])[0])
-    hidden = by_mode(args, smoke=4, quick=8, full=(args.D or [16])[0])
+    T = (args.T or [by_mode(args, smoke=20, quick=300, full=1000)])[0]
+    hidden = (args.D or [by_mode(args, smoke=4, quick=8, full=16)])[0]
     reps = args.reps or by_mode(args, smoke=1, quick=1, full=3)
     dtype = jnp.dtype(args.dtype)
-    solver_list = solvers(args)
+    solver_list = solvers(args) | dict(parse_solver(e) for e in args.extra)
     rows, traces = [], {}
     with progress(range(len(cases) * len(solver_list)), desc="runs") as bar:
         for name in cases:
@@ -140,6 +144,9 @@ def plot(rows: list[dict], case: str, traces: dict, path) -> None:
 def main(argv=None) -> list[dict]:
     p = study_parser(__doc__, dtype="float64")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    p.add_argument(
+        "--extra", nargs="+", default=[], help='solver expressions, e.g. "DEER(globalise=False)"'
+    )
     args = parse(p, argv)
     with dtype_scope(args):
         rows, traces = run(args)

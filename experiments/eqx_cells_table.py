@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 import parallel_rnn as prnn
 
-from ._common import compiled_memory, format_table, parser, time_fn, write_csv
+from ._common import compiled_memory, format_table, number, parser, time_fn, write_csv
 
 
 def flax_gru_params(cell: eqx.nn.GRUCell) -> dict:
@@ -108,8 +108,8 @@ def _tolerance(text: str) -> float | None:
 
 def main(argv=None) -> list[dict]:
     p = parser(__doc__)
-    p.add_argument("--T", type=int, default=None)
-    p.add_argument("--D", type=int, default=16)
+    p.add_argument("--T", type=number, default=None)
+    p.add_argument("--D", type=number, default=16)
     p.add_argument(
         "--tol",
         type=_tolerance,

@@ -1,21 +1,22 @@
-"""Memory of the gradient through solve_parallel: QuasiDEER O(T·D) vs DEER O(T·D²) vs BPTT.
+"""Memory of the gradient through solve_parallel: QuasiDEER and DEER vs BPTT.
 
     python -m experiments.grad_memory [--quick] [--out results]
 
 For a `parallel_rnn.cells.GRU` (an `eqx.nn.GRUCell` with closed-form Jacobians)
-of hidden size `D` on `T` steps (float32), compiles the gradient of
+of hidden size `D` on `T` steps (`--dtype`, default float32), compiles the gradient of
 `sum(sin(states))` w.r.t. the cell's parameters three ways:
 
 - **BPTT**: autodiff through `prnn.solve_sequential` (a `lax.scan`);
 - **QuasiDEER** / **DEER**: `prnn.solve_parallel` forward with its exact (IFT)
   adjoint: QuasiDEER solves the adjoint with diagonal scans (`O(T D)`), DEER with
-  one dense reverse scan over the `T` Jacobians (`O(T D²)`).
+  one reverse scan over the `T` Jacobians, which on this gated cell and the
+  sequential scan (CPU) are stored factored (`O(T D)`), else dense (`O(T D²)`).
 
 It reports XLA's peak-memory estimate of the compiled program (temporaries +
 arguments + outputs, `experiments._common.compiled_memory`). Nothing is run:
 only the compiler sees the `T×D` buffers, so the full sizes (`D` up to 64, `T` up to
-100000) compile on a laptop CPU. The ratios `bytes / (T·D·4)` and
-`bytes / (T·D²·4)` show the scaling: the first stays flat for QuasiDEER and BPTT
+100000) compile on a laptop CPU. The ratios `bytes / (T·D·itemsize)` and
+`bytes / (T·D²·itemsize)` show the scaling: the first stays flat for QuasiDEER and BPTT
 as `D` grows, the second stays flat for DEER. Writes `grad_memory.csv` and
 `grad_memory.png`.
 """
@@ -31,6 +32,7 @@ import parallel_rnn as prnn
 from ._common import (
     by_mode,
     compiled_memory,
+    dtype_scope,
     format_table,
     parse,
     progress,
@@ -60,11 +62,12 @@ def gradient_fn(method: str):
     return eqx.filter_grad(loss)
 
 
-def measure(method: str, D: int, T: int) -> dict:
+def measure(method: str, D: int, T: int, dtype=jnp.float32, seed: int = 0) -> dict:
     # Small real arguments (parameters, `T×4` inputs); the `T×D` work is compiled only.
-    cell = prnn.cells.GRU(INPUT_SIZE, D, key=jax.random.key(0), dtype=jnp.float32)
-    xs = jnp.zeros((T, INPUT_SIZE), jnp.float32)
-    h0 = jnp.zeros((D,), jnp.float32)
+    dtype = jnp.dtype(dtype)
+    cell = prnn.cells.GRU(INPUT_SIZE, D, key=jax.random.key(seed), dtype=dtype)
+    xs = jnp.zeros((T, INPUT_SIZE), dtype)
+    h0 = jnp.zeros((D,), dtype)
     t0 = time.perf_counter()
     nbytes = compiled_memory(gradient_fn(method), cell, xs, h0)
     compile_s = time.perf_counter() - t0
@@ -72,13 +75,13 @@ def measure(method: str, D: int, T: int) -> dict:
         raise RuntimeError(f"backend {jax.default_backend()} reports no memory analysis")
     return dict(
         solver=method,
-        dtype="float32",
+        dtype=dtype.name,
         D=D,
         T=T,
         compiled_bytes=nbytes,
         compiled_mib=nbytes / 2**20,
-        per_TD=nbytes / (T * D * 4),
-        per_TD2=nbytes / (T * D * D * 4),
+        per_TD=nbytes / (T * D * dtype.itemsize),
+        per_TD2=nbytes / (T * D * D * dtype.itemsize),
         compile_s=compile_s,
     )
 
@@ -87,7 +90,9 @@ def run(args) -> list[dict]:
     Ds = args.D or by_mode(args, smoke=(4,), quick=(8, 32), full=(16, 64))
     Ts = args.T or by_mode(args, smoke=(100,), quick=(1_000, 10_000), full=(10_000, 100_000))
     grid = [(m, D, T) for D in Ds for T in Ts for m in args.solvers]
-    return [measure(m, D, T) for m, D, T in progress(grid, desc="compiling")]
+    with dtype_scope(args):
+        dtype = jnp.dtype(args.dtype)
+        return [measure(m, D, T, dtype, args.seed) for m, D, T in progress(grid, desc="compiling")]
 
 
 def plot(rows: list[dict], path) -> None:
@@ -118,7 +123,7 @@ def main(argv=None) -> list[dict]:
     args = parse(p, argv, solver_names=METHODS)
     rows = run(args)
     print(
-        f"\ngradient of a cells.GRU solve w.r.t. its parameters, float32, "
+        f"\ngradient of a cells.GRU solve w.r.t. its parameters, {args.dtype}, "
         f"backend={jax.default_backend()} (compiled, not run)"
     )
     print(format_table(rows))

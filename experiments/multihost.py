@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--cpu-collectives", default="gloo")
-    p.add_argument("--T", type=int, default=64)
+    p.add_argument("--T", type=lambda t: int(float(t)), default=64, help="length (1e3 accepted)")
     p.add_argument("--local", type=int, default=0, help="start this many local processes")
     p.add_argument("--port", type=int, default=12355)
     args = p.parse_args(argv)

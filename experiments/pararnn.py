@@ -25,7 +25,7 @@ import numpy as np
 
 import parallel_rnn as prnn
 
-from ._common import compiled_memory, format_table, parser, pyplot, time_fn, write_csv
+from ._common import compiled_memory, format_table, number, parser, pyplot, time_fn, write_csv
 from .train import make_data, train
 
 
@@ -74,8 +74,8 @@ class _Model(eqx.Module):
 
 def main(argv=None) -> dict:
     p = parser(__doc__)
-    p.add_argument("--D", nargs="+", type=int, default=None)
-    p.add_argument("--T", type=int, default=None, help="length of the solves of part 1")
+    p.add_argument("--D", nargs="+", type=number, default=None)
+    p.add_argument("--T", type=number, default=None, help="length of the solves of part 1")
     p.add_argument("--train-T", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--hidden", type=int, default=8)

@@ -48,7 +48,7 @@ EXPECTATION = {
 
 
 def run(args) -> tuple[list[dict], dict]:
-    T = by_mode(args, smoke=50, quick=1000, full=(args.T or [10_000])[0])
+    T = (args.T or [by_mode(args, smoke=50, quick=1000, full=10_000)])[0]
     D = (args.D or [16])[0]
     reps = args.reps or by_mode(args, smoke=1, quick=3, full=5)
     dtype = jnp.dtype(args.dtype)

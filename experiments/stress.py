@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 import parallel_rnn as prnn
 
-from ._common import executable_memory, format_table, parser, pyplot, time_fn, write_csv
+from ._common import executable_memory, format_table, number, parser, pyplot, time_fn, write_csv
 
 
 INPUT_SIZE = 4
@@ -76,10 +76,10 @@ def measure(case: str, B: int, T: int, D: int, reps: int) -> dict:
 def main(argv=None) -> list[dict]:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--D", type=int, default=None, help="state size (default 64)")
-    p.add_argument("--long-T", type=int, default=None, help="length of the long sequence")
+    p.add_argument("--D", type=number, default=None, help="state size (default 64)")
+    p.add_argument("--long-T", type=number, default=None, help="length of the long sequence")
     p.add_argument("--batch", type=int, default=None, help="sequences in the vmap batch")
-    p.add_argument("--batch-T", type=int, default=None, help="length of each batched sequence")
+    p.add_argument("--batch-T", type=number, default=None, help="length of each batched sequence")
     args = p.parse_args(argv)
     if args.smoke:
         D, long_T, B, batch_T = 8, 2_000, 4, 200

@@ -37,7 +37,7 @@ import jax
 
 import parallel_rnn as prnn
 
-from ._common import format_table, parser, pyplot, write_csv
+from ._common import format_table, number, parse_solver, parser, pyplot, write_csv
 from ._measure import default_solvers, measure
 from ._trained import CACHE, load_case
 
@@ -45,14 +45,6 @@ from ._trained import CACHE, load_case
 CASES = ("char_lstm", "char_gru")
 QUICK_SKIP = ("ELK",)
 COLUMNS = ("case", "T", "solver", "iterations", "converged", "seconds", "max_abs_err")
-
-
-def parse_solver(expression: str) -> tuple[str, prnn.AbstractSolver]:
-    """`("QuasiELK(damping=0.1)", QuasiELK(damping=0.1))` from the expression."""
-    solver = eval(expression, {"__builtins__": {}}, {**vars(prnn), "prnn": prnn})  # noqa: S307
-    if not isinstance(solver, prnn.AbstractSolver):
-        raise ValueError(f"{expression!r} is not a parallel_rnn solver: {solver!r}")
-    return expression, solver
 
 
 def plot(path, title, residual_rows):
@@ -135,7 +127,7 @@ def run(
 
 def main(argv=None):
     p = parser((__doc__ or "").splitlines()[0])
-    p.add_argument("--T", type=int, nargs="+", default=None, help="lengths (default 2000 10000)")
+    p.add_argument("--T", type=number, nargs="+", default=None, help="lengths (default 2000 10000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--solvers", nargs="+", default=None, help="default solvers by class name")

@@ -39,7 +39,7 @@ import numpy as np
 
 import parallel_rnn as prnn
 
-from ._common import format_table, parser, pyplot, write_csv
+from ._common import format_table, number, parser, pyplot, write_csv
 from ._measure import damping_sweep, default_solvers, error_curve, log_grid, measure
 from ._trained import load_case, train_ar
 
@@ -228,7 +228,7 @@ def run(
 
 def main(argv=None):
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--T", type=int, default=None, help="sequence length (default 9999)")
+    p.add_argument("--T", type=number, default=None, help="sequence length (default 9999)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -240,6 +240,15 @@ def test_jvp_linearize_jacfwd_hessian_match_scan():
     assert max_abs_diff(h_par, h_seq) < 1e-8
 
 
+def test_reverse_over_reverse_matches_scan():
+    # docs/limitations.md: `jax.jacrev(jax.grad(...))` works (reverse through the adjoint).
+    par = lambda p: _loss(p, _parallel(prnn.QuasiDEER()))
+    seq = lambda p: _loss(p, scan_reference)
+    h_par, h_seq = jax.jacrev(jax.grad(par))(P), jax.hessian(seq)(P)
+    assert float(jnp.max(jnp.abs(h_seq))) > 1e-2
+    assert max_abs_diff(h_par, h_seq) < 1e-8
+
+
 def test_dense_solver_jvp_under_jit_and_vmap_with_pytree_state():
     # DEER's tangent is solved by Newton with dense Jacobians (the other code path).
     cell = eqx.nn.LSTMCell(M, D, key=jax.random.key(3))

@@ -108,3 +108,44 @@ def test_trained_lm_smoke_measures_solvers_and_extra_configurations(tmp_path):
     assert {r["solver"] for r in rows} == {"QuasiDEER", "Jacobi", "QuasiELK(damping=0.1)"}
     for r in rows:
         assert r["converged"] and r["max_abs_err"] < 1e-3 and r["lle"] < 0
+
+
+SHARED_OPTIONS = ("--quick", "--T", "--D", "--solvers", "--dtype", "--seed", "--reps", "--device")
+
+
+def _readme_option_table() -> dict[str, set[str]]:
+    """`{study: {options}}` from the per-study table of experiments/README.md."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "experiments" / "README.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| study |"))
+    options = [c.strip().strip("`") for c in header.strip("|").split("|")][1:]
+    table = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == len(options) + 1:
+            table[cells[0].strip("`")] = {o for o, c in zip(options, cells[1:]) if c}
+    return table
+
+
+def _exit_code(module, argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    return exit_info.value.code or 0, capsys.readouterr().out
+
+
+def test_readme_option_table_matches_each_study_and_sizes_parse_1e4(capsys, monkeypatch):
+    import re
+
+    # `experiments.scaling` sets XLA_FLAGS on import unless set: keep this process's.
+    monkeypatch.setenv("XLA_FLAGS", __import__("os").environ.get("XLA_FLAGS", ""))
+    table = _readme_option_table()
+    assert len(table) >= 16
+    for name, documented in table.items():
+        module = importlib.import_module(f"experiments.{name}")
+        code, help_text = _exit_code(module, ["--help"], capsys)
+        assert code == 0
+        taken = {o for o in (*SHARED_OPTIONS, "--out") if re.search(rf"{o}(?![\w-])", help_text)}
+        assert taken == documented, name
+        if "--T" in taken:  # argparse converts `--T` before it reaches `--help`
+            assert _exit_code(module, ["--T", "1e4", "--help"], capsys)[0] == 0, name

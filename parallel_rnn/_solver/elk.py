@@ -233,10 +233,13 @@ _ARGS_DOC = """
 
 class ELK(_AbstractELK):
     __doc__ = (
-        """Levenberg–Marquardt with the full Jacobian: each step is a dense Kalman smoother.
+        """Levenberg–Marquardt with the full Jacobian: each step is a dense Kalman filter.
 
     Damping turns DEER's Newton step into a trust-region step, meant for unstable
-    or chaotic cells where DEER's linearised recurrence explodes. `O(T D²)` memory
+    or chaotic cells where DEER's linearised recurrence explodes. The step is the
+    filtered mean of a Kalman model by default (`posterior="filter"`, as in the
+    published ELK code); `posterior="smoother"` gives the smoothed mean, the exact
+    LM step. `O(T D²)` memory
     like `DEER`, but `O(T D³)` work per iteration even on CPU, where DEER's is
     `O(T D²)`: each time step propagates a `D×D` covariance (two `D×D` products and
     one `D×D` solve, about `8 D³` flops). Measured on a 2-core CPU, per time step
@@ -256,7 +259,7 @@ class ELK(_AbstractELK):
 
 class QuasiELK(_AbstractELK):
     __doc__ = (
-        """Levenberg–Marquardt on the diagonal of the Jacobian: `D` scalar Kalman smoothers.
+        """Levenberg–Marquardt on the diagonal of the Jacobian: `D` scalar Kalman filters.
 
     The damped counterpart of `QuasiDEER`: `O(T D)` work and memory per
     iteration, using the cell's analytic `diagonal_jacobian` when it has one.
