@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Float
 
 from ._problem import Problem
@@ -65,19 +66,40 @@ def polish_states(
     rtol: float,
     atol: float,
 ):
-    """`(states, status, error_estimate)`: polished where that keeps the certificate."""
-    delta = correction(problem, solver, states, fs, rtol, atol)
-    size = jnp.max(jnp.abs(delta))
-    usable = jnp.isfinite(size)
-    polished = states + jnp.where(usable, delta, 0)
-    usable = usable & jnp.all(jnp.abs(polished) <= _explosion_bound(states.dtype))
-    new_status = assess(Iterate(polished, evaluate(polished), None))
-    better = jnp.where(
-        status.converged, new_status.converged, new_status.residual < status.residual
-    )
-    accept = usable & better
-    out_states = jnp.where(accept, polished, states)
-    out_status = _select(accept, new_status, status)
+    """`(states, status, error_estimate)`: polished where that keeps the certificate.
+
+    When the answer is far off (a damped solver stopped at the tolerance on a long
+    marginal trajectory), the first step's second-order term can leave the residual
+    just above the tolerance: a second Newton step from there is taken (skipped by
+    `lax.cond` when not needed, outside `vmap`) before giving up.
+    """
+
+    def newton(s, f):
+        delta = correction(problem, solver, s, f, rtol, atol)
+        size = jnp.max(jnp.abs(delta))
+        candidate = s + jnp.where(jnp.isfinite(size), delta, 0)
+        usable = jnp.isfinite(size) & jnp.all(
+            jnp.abs(candidate) <= _explosion_bound(states.dtype)
+        )
+        cand_fs = evaluate(candidate)
+        return candidate, cand_fs, assess(Iterate(candidate, cand_fs, None)), usable, size
+
+    def better(new):
+        return jnp.where(status.converged, new.converged, new.residual < status.residual)
+
+    first, first_fs, first_status, usable, size = newton(states, fs)
+    accept = usable & better(first_status)
+
+    def again(_):
+        second, _, second_status, ok, _ = newton(first, first_fs)
+        return second, second_status, ok & better(second_status)
+
+    def skip(_):
+        return first, first_status, jnp.zeros((), bool)
+
+    second, second_status, accept2 = lax.cond(usable & ~accept, again, skip, None)
+    out_states = jnp.where(accept, first, jnp.where(accept2, second, states))
+    out_status = _select(accept, first_status, _select(accept2, second_status, status))
     estimate = jnp.where(usable, size, jnp.inf).astype(states.dtype)
     return out_states, out_status, estimate
 
