@@ -45,7 +45,7 @@ import jax
 import numpy as np
 
 
-SOLVER_NAMES = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Picard", "Jacobi")
+SOLVER_NAMES = ("DEER", "QuasiDEER", "ELK", "QuasiELK", "Picard", "Jacobi", "MultipleShooting")
 MODES = ("smoke", "quick", "full")
 
 

@@ -122,8 +122,16 @@ def calibrate(
     from ._sequential import solve_sequential
     from ._solve import solve_parallel
 
-    shapes = jax.tree_util.tree_map(lambda a: (np.shape(a), str(np.result_type(a))), (inputs, init_state))
-    key = (type(cell), jax.tree_util.tree_structure(cell), str(shapes), solver, jax.default_backend())
+    shapes = jax.tree_util.tree_map(
+        lambda a: (np.shape(a), str(np.result_type(a))), (inputs, init_state)
+    )
+    key = (
+        type(cell),
+        jax.tree_util.tree_structure(cell),
+        str(shapes),
+        solver,
+        jax.default_backend(),
+    )
     if key in _CALIBRATION:
         return _CALIBRATION[key]
     T = jax.tree_util.tree_leaves(inputs)[0].shape[0]
@@ -138,10 +146,19 @@ def calibrate(
         return best
 
     def parallel(k):
-        return lambda: solve_parallel(
-            cell, inputs, init_state, solver, max_steps=k, throw=False, polish=False,
-            rtol=0.0, atol=0.0,
-        ).states
+        return lambda: (
+            solve_parallel(
+                cell,
+                inputs,
+                init_state,
+                solver,
+                max_steps=k,
+                throw=False,
+                polish=False,
+                rtol=0.0,
+                atol=0.0,
+            ).states
+        )
 
     per_iteration = max(fastest(parallel(3)) - fastest(parallel(1)), 0.0) / 2
     per_step = fastest(lambda: solve_sequential(cell, inputs, init_state)) / T

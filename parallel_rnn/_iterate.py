@@ -97,7 +97,15 @@ def iterate(
         zero = jnp.array(0, jnp.int32)
         history = jnp.full((max_steps,), jnp.nan, guess.dtype) if trace else None
         return _certified(
-            problem, solver, states, zero, None, history, rtol, atol, polish,
+            problem,
+            solver,
+            states,
+            zero,
+            None,
+            history,
+            rtol,
+            atol,
+            polish,
             sequential=jnp.array(T, jnp.int32),
         )
     # With certification the loop aims at half the tolerance: a fused
@@ -136,7 +144,9 @@ def iterate(
         )
     if certify:
         return _certified(problem, solver, it.states, n, status, history, rtol, atol, polish)
-    return Outcome(it.states, n, status.converged, status.residual, history, _result(status, status))
+    return Outcome(
+        it.states, n, status.converged, status.residual, history, _result(status, status)
+    )
 
 
 def _result(final: Status, loop: Status | None) -> RESULTS:
@@ -187,6 +197,12 @@ def _certified(
         # unless the true trajectory is not finite.
         loop = final if loop is None else eqx.tree_at(lambda s: s.converged, loop, final.converged)
     return Outcome(
-        states, n, final.converged, final.residual, history, _result(final, loop), estimate,
+        states,
+        n,
+        final.converged,
+        final.residual,
+        history,
+        _result(final, loop),
+        estimate,
         sequential,
     )

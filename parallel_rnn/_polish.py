@@ -78,9 +78,7 @@ def polish_states(
         delta = correction(problem, solver, s, f, rtol, atol)
         size = jnp.max(jnp.abs(delta))
         candidate = s + jnp.where(jnp.isfinite(size), delta, 0)
-        usable = jnp.isfinite(size) & jnp.all(
-            jnp.abs(candidate) <= _explosion_bound(states.dtype)
-        )
+        usable = jnp.isfinite(size) & jnp.all(jnp.abs(candidate) <= _explosion_bound(states.dtype))
         cand_fs = evaluate(candidate)
         return candidate, cand_fs, assess(Iterate(candidate, cand_fs, None)), usable, size
 

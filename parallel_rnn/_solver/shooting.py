@@ -111,9 +111,7 @@ class MultipleShooting(AbstractSolver):
         super().__check_init__()
         if self.chunk is not None and not (isinstance(self.chunk, int) and self.chunk >= 1):
             raise ValueError(f"`chunk` must be None or an integer >= 1, got {self.chunk!r}")
-        if not isinstance(self.solver, AbstractSolver) or isinstance(
-            self.solver, MultipleShooting
-        ):
+        if not isinstance(self.solver, AbstractSolver) or isinstance(self.solver, MultipleShooting):
             raise TypeError(
                 f"`solver` must be a parallel_rnn solver other than MultipleShooting; "
                 f"got {self.solver!r}"
