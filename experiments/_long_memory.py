@@ -172,11 +172,14 @@ class Case:
 
 
 CASES = {
-    "vad_lstm": Case("vad", "lstm", 32, 1200, 4000, memory=400.0),
+    "vad_lstm": Case("vad", "lstm", 32, 1200, 4000, memory=2000.0),
     "count_gru": Case("count", "gru", 16, 1500, 5000, memory=2000.0),
     "count_lstm": Case("count", "lstm", 16, 1500, 5000, memory=2000.0),
 }
 AR_CASES = ("ar_gru3", "ar_gru16", "ar_lstm")
+# Loaded with `_trained.py`'s full training (5000 steps) even in quick mode: after the
+# quick 1500 steps, ar_gru3's LLE is -5e-3 to -6e-3 per step (seeds 0, 1), outside ±1e-3.
+AR_FULL = ("ar_gru3",)
 NAMES = (*CASES, *AR_CASES)
 GENERATORS = {"vad": vad_sequence, "count": count_sequence}
 N_INPUTS = {"vad": BANDS, "count": 1}
@@ -282,6 +285,7 @@ def load_case(
     record (`final_loss`, `losses`, `train_seconds`).
     """
     if name in AR_CASES:
+        quick = quick and name not in AR_FULL
         cell, xs, s0, meta = _trained.load_case(
             name, T, quick, seed=seed, dtype=dtype, steps=steps, cache=cache, verbose=verbose
         )
