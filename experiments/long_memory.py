@@ -12,11 +12,11 @@ need hundreds to thousands of iterations on such models, hours at T = 64k on a
 CPU, so every solve runs under a **time guard**: a first short run
 (`PROBE_STEPS` iterations) gives the time per iteration, and `max_steps` is set
 so that the solve takes at most `--budget` times the sequential scan's time (or
-`--min-seconds`, whichever is larger), and never above `T` (the probe's time
-includes a solve's fixed cost, so the cap is raised from each capped run's time,
-up to `REFINE` times, while it grows by half). A solve stopped by
-that cap is reported with `hit_max_steps` (its error is that of an unfinished
-iterate).
+`--min-seconds`, whichever is larger), and never above `T`. The probe's time
+includes a solve's fixed cost, so that cap is conservative: it is raised once
+more from the capped run's time if it grows by half (`REFINE` caps at most, each
+one more compilation). A solve stopped by its cap is reported with
+`hit_max_steps` (its error is that of an unfinished iterate).
 
 For each case and `T`: the LLE along the sequential trajectory, the sequential
 scan's time, the float32-vs-float64 sequential error (the accuracy floor), and
@@ -77,9 +77,13 @@ MODELS = (
     + (("ar_gru3", 2),)
     + tuple((name, seed) for name in ("ar_gru16", "ar_lstm") for seed in (1, 2))
 )
-QUICK_MODELS = (("vad_lstm", 0), ("count_gru", 0), ("count_lstm", 0), ("ar_gru3", 0))
+# ar_gru3 seed 0 is in the full list only: its float32 sequential trajectory is 2.3 away
+# from float64 at T = 16384 (round-off amplified), so no solver's error can be judged on it.
+QUICK_MODELS = (
+    ("vad_lstm", 0), ("count_gru", 0), ("count_lstm", 0), ("ar_gru3", 2), ("ar_gru16", 0),
+)  # fmt: skip
 FULL_T, QUICK_T, SMOKE_T = (2048, 16384, 65536), (2048, 16384), (64,)
-PROBE_STEPS, REFINE = 2, 3
+PROBE_STEPS, REFINE = 2, 2
 OPTIONAL_FIELDS = ("error_estimate", "sequential_steps")
 EXTRA_SOLVERS: dict[str, prnn.AbstractSolver] = {}
 COLUMNS = (
@@ -121,8 +125,8 @@ def measure_solver(cell, xs, s0, solver, *, budget_s, options, refs, max_steps=N
     sol, seconds, compile_s = _solve(cell, xs, s0, solver, probe, options)
     guarded, max_steps = max_steps is None, probe
     # Time per iteration from the last capped run, extrapolated linearly. It includes the
-    # fixed cost of a solve, so a cap is conservative: raise it (up to REFINE times) while
-    # it would grow by half.
+    # fixed cost of a solve, so a cap is conservative: set it up to REFINE times, while it
+    # would grow by half.
     for _ in range(REFINE):
         if not guarded or bool(sol.converged) or int(sol.num_steps) < max_steps:
             break
