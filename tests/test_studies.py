@@ -149,3 +149,20 @@ def test_readme_option_table_matches_each_study_and_sizes_parse_1e4(capsys, monk
         assert taken == documented, name
         if "--T" in taken:  # argparse converts `--T` before it reaches `--help`
             assert _exit_code(module, ["--T", "1e4", "--help"], capsys)[0] == 0, name
+
+
+def test_long_memory_smoke_measures_solvers_against_float32_and_float64(tmp_path):
+    rows, _ = _run("long_memory", tmp_path, "--solvers", "DEER", "Picard")
+    (seq,) = [r for r in rows if r["solver"] == "sequential"]
+    assert 0 <= seq["max_abs_err64"] < 1e-5  # the float32 scan against float64
+    solved = {r["solver"]: r for r in rows if r["solver"] != "sequential"}
+    assert set(solved) == {"DEER", "Picard"}
+    for r in solved.values():
+        assert 1 <= r["num_steps"] <= r["max_steps"] <= r["T"]
+        if r["converged"]:
+            assert r["max_abs_err"] < 1e-4 and r["max_abs_err64"] < 1e-4
+    assert solved["DEER"]["converged"]
+    with open(tmp_path / "long_memory_count_gru_s0_T64.csv") as f:
+        trace = list(csv.DictReader(f))
+    assert len(trace) == max(r["num_steps"] for r in solved.values())
+    assert set(trace[0]) == {"iteration", "DEER", "Picard"}
