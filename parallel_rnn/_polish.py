@@ -87,17 +87,23 @@ def polish_states(
 
     first, first_fs, first_status, usable, size = newton(states, fs)
     accept = usable & better(first_status)
+    best_status = _select(accept, first_status, status)
 
     def again(_):
         second, _, second_status, ok, _ = newton(first, first_fs)
-        return second, second_status, ok & better(second_status)
+        improves = jnp.where(
+            best_status.converged,
+            second_status.converged & (second_status.residual < best_status.residual),
+            second_status.converged | (second_status.residual < best_status.residual),
+        )
+        return second, second_status, ok & improves
 
     def skip(_):
         return first, first_status, jnp.zeros((), bool)
 
-    second, second_status, accept2 = lax.cond(usable & ~accept, again, skip, None)
-    out_states = jnp.where(accept, first, jnp.where(accept2, second, states))
-    out_status = _select(accept, first_status, _select(accept2, second_status, status))
+    second, second_status, accept2 = lax.cond(usable & ~first_status.converged, again, skip, None)
+    out_states = jnp.where(accept2, second, jnp.where(accept, first, states))
+    out_status = _select(accept2, second_status, best_status)
     estimate = jnp.where(usable, size, jnp.inf).astype(states.dtype)
     return out_states, out_status, estimate
 

@@ -81,7 +81,9 @@ class _OffByEpsilon(eqx.Module):
 
 @pytest.mark.parametrize("solver", QUASI_AND_DENSE, ids=_ids)
 def test_fused_value_off_the_cell_is_not_certified(solver):
-    sol = prnn.solve_parallel(_OffByEpsilon(CELL), XS, H0, solver, throw=False)
+    # Without the polish: its Newton step, with the residual of `__call__`, would
+    # correct the answer onto the true recurrence (tested below).
+    sol = prnn.solve_parallel(_OffByEpsilon(CELL), XS, H0, solver, throw=False, polish=False)
     true = _true_residual(CELL, XS, H0, sol.states)
     assert true > 1e-4  # the iteration followed the fused value ...
     assert not bool(sol.converged)  # ... which is not the recurrence
@@ -91,7 +93,15 @@ def test_fused_value_off_the_cell_is_not_certified(solver):
 
 def test_not_certified_has_its_own_message():
     with pytest.raises(eqx.EquinoxRuntimeError, match="recomputed with the cell's own __call__"):
-        jax.block_until_ready(prnn.solve_parallel(_OffByEpsilon(CELL), XS, H0, prnn.DEER()))
+        jax.block_until_ready(
+            prnn.solve_parallel(_OffByEpsilon(CELL), XS, H0, prnn.DEER(), polish=False)
+        )
+
+
+def test_polish_corrects_a_fused_value_onto_the_certified_recurrence():
+    sol = prnn.solve_parallel(_OffByEpsilon(CELL), XS, H0, prnn.DEER(), throw=False)
+    assert bool(sol.converged)  # certified by `__call__`, not by the fused value
+    assert float(_true_residual(CELL, XS, H0, sol.states)) <= float(sol.residual) * (1 + 1e-6)
 
 
 def test_implicit_ssm_inner_failure_makes_the_solve_fail():
