@@ -65,11 +65,15 @@ class Sel:
 
 @dataclasses.dataclass(frozen=True)
 class Mat:
-    """`J = diag(c) W J_inner`; `c=None` means ones. `W` does not depend on `s`."""
+    """`J = diag(c) W J_inner`; `c=None` means ones. `W` does not depend on `s`.
+
+    `masked`: some rows were emptied by a selection (`c = 0` there), and must stay
+    empty even where `W J_inner` is not finite."""
 
     c: Array | None  # (m,)
     w: Array  # (m, n)
     inner: "Sel | Mat"  # (n, D)
+    masked: bool = False
 
 
 Term = Sel | Mat
@@ -91,15 +95,17 @@ def _select(p: Array, a: Array | None) -> Array:
 
 
 def _scale(term: Term, p: Array, *, hard_zeros: bool = False) -> Term:
-    """`diag(p) J`. With `hard_zeros`, rows where `p == 0` become exactly empty.
+    """`diag(p) J`. With `hard_zeros` (a selection: `p` is 0 or 1), rows where
+    `p == 0` become exactly empty.
 
     Forward-mode AD drops the tangent of the branch `jnp.where` does not select,
     and so must the analysis: that branch's partials may be `inf` or NaN (`sin(s)/s`
-    at `s = 0`), and `0 · NaN` is NaN."""
+    at `s = 0`), and `0 · NaN` is NaN. Only selections pay for the `where`: after
+    any other primitive a NaN partial is NaN in forward mode too."""
     scale = (lambda a: _select(p, a)) if hard_zeros else (lambda a: _mul(a, p))
     if isinstance(term, Sel):
         return Sel(scale(term.coef), term.idx)
-    return Mat(scale(term.c), term.w, term.inner)
+    return Mat(scale(term.c), term.w, term.inner, term.masked or hard_zeros)
 
 
 def _gather_rows(a: Array, rows: np.ndarray) -> Array:
@@ -133,14 +139,14 @@ def _take_rows(term: Term, rows: np.ndarray) -> Term:
         return Sel(coef, np.where(rows >= 0, term.idx[safe], -1))
     # Empty rows get zero rows of W (s-free, so computed once), and zero `c`.
     c = None if term.c is None else _gather_rows(term.c, rows)
-    return Mat(c, _gather_rows(term.w, rows), term.inner)
+    return Mat(c, _gather_rows(term.w, rows), term.inner, term.masked)
 
 
 def _cast(term: Term, dtype: Any) -> Term:
     if isinstance(term, Sel):
         return Sel(None if term.coef is None else term.coef.astype(dtype), term.idx)
     c = None if term.c is None else term.c.astype(dtype)
-    return Mat(c, term.w.astype(dtype), _cast(term.inner, dtype))
+    return Mat(c, term.w.astype(dtype), _cast(term.inner, dtype), term.masked)
 
 
 def _merge_sel(a: Sel, b: Sel, dtype: Any) -> Sel | None:
@@ -216,7 +222,12 @@ def _term_diagonal(term: Term, D: int, dtype: Any) -> Array:
         return jnp.where(mask, coef, zero)
     # A row emptied by a `jnp.where` (c = 0) stays empty whatever lies below it.
     c = term.c
-    outer = (lambda a: a) if c is None else (lambda a: _select(c, a))
+    if c is None:
+        outer = lambda a: a  # noqa: E731
+    elif term.masked:
+        outer = lambda a: _select(c, a)  # noqa: E731
+    else:
+        outer = lambda a: c * a  # noqa: E731
     inner = term.inner
     if isinstance(inner, Sel):
         inv = _inverse(inner.idx, D)
@@ -253,6 +264,9 @@ _ELEMENTWISE = frozenset(
     max min abs select_n erf erfc erf_inv sin cos tan asin acos atan atan2 sinh cosh
     asinh acosh atanh square clamp rem lgamma digamma reduce_precision""".split()
 )
+# Elementwise primitives whose derivative picks an operand (forward mode selects
+# the tangent, so the other operands' tangents never enter, NaN or not).
+_SELECTIONS = frozenset("select_n clamp".split())
 # Outputs with zero derivative: no terms, whatever the inputs.
 _ZERO_DERIVATIVE = frozenset("stop_gradient sign floor ceil round is_finite".split())
 _IDENTITY = frozenset("copy copy_p".split())
@@ -463,7 +477,7 @@ def _rule(eqn: Any, ins: list, in_jacs: list) -> tuple[list, list]:
 
             out, partial = jax.jvp(at_k, (ins[k],), (_unit(ins[k]),))
             p = jnp.reshape(partial, out_shape or (1,))
-            terms.append([_scale(t, p, hard_zeros=True) for t in own(k)])
+            terms.append([_scale(t, p, hard_zeros=name in _SELECTIONS) for t in own(k)])
         return [bind(*ins) if out is None else out], [_add(out_aval.dtype, *terms)]
     if name == "slice" and len(out_shape) == 1:
         (start,), (limit,) = params["start_indices"], params["limit_indices"]

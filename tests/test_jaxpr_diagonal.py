@@ -291,6 +291,24 @@ def test_structured_diagonal_follows_derivative_rules_and_is_finite_where_autodi
         assert max_abs_diff(value, fn(x, s)) < 1e-12
 
 
+def test_selection_above_a_matrix_product_keeps_unselected_rows_empty():
+    # At s = 0 the derivative of sqrt(s²) is 0·inf = NaN, which W spreads to every
+    # row of W @ sqrt(s²); jnp.where keeps it only in the rows it selects.
+    x = jnp.array([1.0, -1.0, 1.0, -1.0, -1.0, 1.0], F64)
+
+    def cell(x, s):
+        return jnp.where(x > 0, jnp.tanh(_W6 @ jnp.sqrt(s**2) + x), 0.3 * jnp.tanh(s))
+
+    fn = _flat(cell, _h)
+    value_and_diag = structured_value_and_diagonal(fn, x, _h)
+    assert value_and_diag is not None
+    expected = jnp.diagonal(jax.jacfwd(lambda s_: fn(x, s_))(_h))
+    diag = jax.jit(value_and_diag)(x, _h)[1]
+    finite = np.asarray(jnp.isfinite(expected))
+    assert finite.tolist() == (np.asarray(x) < 0).tolist()
+    assert max_abs_diff(diag[finite], expected[finite]) < 1e-15
+
+
 def test_an_error_inside_the_analysis_falls_back_to_jvps(monkeypatch):
     def broken(eqn, ins, in_jacs):
         raise RuntimeError("an analysis bug")
