@@ -15,17 +15,18 @@ alongside every `s`-dependent 1-D intermediate `v` (size `m`) its Jacobian
   2: the MLP `s + W₂ tanh(W₁ s + U x)`).
 
 Elementwise primitives scale the terms by their partials (from `jax.jvp` of the
-primitive, which XLA fuses with the value), with `0 · x = 0` so that the branch a
-`jnp.where` does not select contributes nothing even where its derivative is NaN
-(as in forward-mode AD); structural ones move rows, a matrix product by an
-`s`-independent matrix adds a level, and call primitives (`jit`, `remat`, …) are
-entered. Elementwise `jax.custom_jvp`/`jax.custom_vjp` functions are
-differentiated by their own rule. Anything else with an `s`-dependent operand
-(a product of two `s`-dependent matrices, reductions, sorting, loops, 2-D
-intermediates, a custom rule on a non-elementwise function, more than
-`_MAX_TERMS` terms, a third level), and any error met while analysing, makes the
-analysis give up; that decision is static (it depends on the jaxpr only), and the
-caller then falls back to autodiff.
+primitive, which XLA fuses with the value); a selection (`jnp.where`, `jnp.clip`)
+empties the rows it does not select exactly, so that the other branch's
+derivative does not enter even where it is NaN (as in forward-mode AD).
+Structural primitives move rows, a matrix product by an `s`-independent matrix
+adds a level, and call primitives (`jit`, `remat`, …) are entered. Elementwise
+`jax.custom_jvp` and `jax.custom_vjp` functions are differentiated by their own
+rule. Anything else with an `s`-dependent operand (a product of two
+`s`-dependent matrices, reductions, sorting, loops, 2-D intermediates, a custom
+rule on a non-elementwise function, more than `_MAX_TERMS` terms, a third
+level), and any error met while analysing, makes the analysis give up; that
+decision is static (it depends on the jaxpr only), and the caller then falls
+back to autodiff.
 
 Under `jax.vmap` over time the weights are unbatched, so everything computed from
 them alone (the gathered `W[j, idx⁻¹(j)]`, the depth-2 `W₂ ⊙ W₁ᵀ`) is computed once,
