@@ -128,7 +128,8 @@ def step_products(weight: Float[Array, "Km m"], D: int):
 
 
 def check_gated(jac: object, D: int, name: str) -> None:
-    """Shapes of one step's `GatedJacobian` (from `eqx.filter_eval_shape`)."""
+    """Shapes of one step's `GatedJacobian` (from `eqx.filter_eval_shape`); `name`
+    (quoted as it should appear) says which function returned it."""
     ok = False
     if isinstance(jac, GatedJacobian):
         arrays = (jac.weight, jac.coeffs, jac.blocks)
@@ -147,7 +148,7 @@ def check_gated(jac: object, D: int, name: str) -> None:
         )
     if not ok:
         raise ValueError(
-            f"`{name}` must return (new_state, GatedJacobian(weight (K·m, m), coeffs (K, D), "
+            f"{name} must return (new_state, GatedJacobian(weight (K·m, m), coeffs (K, D), "
             f"blocks (n, k, k))) with D = {D} = p·m = n·k, all floating; got {jac!r}"
         )
 

@@ -15,13 +15,18 @@ alongside every `s`-dependent 1-D intermediate `v` (size `m`) its Jacobian
   2: the MLP `s + W₂ tanh(W₁ s + U x)`).
 
 Elementwise primitives scale the terms by their partials (from `jax.jvp` of the
-primitive, which XLA fuses with the value), structural ones move rows, a matrix
-product by an `s`-independent matrix adds a level, and call primitives (`jit`,
-`custom_jvp_call`, …) are entered. Anything else with an `s`-dependent operand
-(a product of two `s`-dependent matrices, reductions, sorting, loops, 2-D
-intermediates, more than `_MAX_TERMS` terms, a third level) makes the analysis
-give up; that decision is static (it depends on the jaxpr only), and the caller
-then falls back to autodiff.
+primitive, which XLA fuses with the value); a selection (`jnp.where`, `jnp.clip`)
+empties the rows it does not select exactly, so that the other branch's
+derivative does not enter even where it is NaN (as in forward-mode AD).
+Structural primitives move rows, a matrix product by an `s`-independent matrix
+adds a level, and call primitives (`jit`, `remat`, …) are entered. Elementwise
+`jax.custom_jvp` and `jax.custom_vjp` functions are differentiated by their own
+rule. Anything else with an `s`-dependent operand (a product of two
+`s`-dependent matrices, reductions, sorting, loops, 2-D intermediates, a custom
+rule on a non-elementwise function, more than `_MAX_TERMS` terms, a third
+level), and any error met while analysing, makes the analysis give up; that
+decision is static (it depends on the jaxpr only), and the caller then falls
+back to autodiff.
 
 Under `jax.vmap` over time the weights are unbatched, so everything computed from
 them alone (the gathered `W[j, idx⁻¹(j)]`, the depth-2 `W₂ ⊙ W₁ᵀ`) is computed once,
@@ -61,11 +66,15 @@ class Sel:
 
 @dataclasses.dataclass(frozen=True)
 class Mat:
-    """`J = diag(c) W J_inner`; `c=None` means ones. `W` does not depend on `s`."""
+    """`J = diag(c) W J_inner`; `c=None` means ones. `W` does not depend on `s`.
+
+    `masked`: some rows were emptied by a selection (`c = 0` there), and must stay
+    empty even where `W J_inner` is not finite."""
 
     c: Array | None  # (m,)
     w: Array  # (m, n)
     inner: "Sel | Mat"  # (n, D)
+    masked: bool = False
 
 
 Term = Sel | Mat
@@ -79,11 +88,25 @@ def _mul(a: Array | None, b: Array) -> Array:
     return b if a is None else a * b
 
 
-def _scale(term: Term, p: Array) -> Term:
-    """`diag(p) J`."""
+def _select(p: Array, a: Array | None) -> Array:
+    """`p · a` with `0 · a = 0` even where `a` is not finite (`a=None` means ones)."""
+    if a is None:
+        return p
+    return jnp.where(p == 0, jnp.zeros((), p.dtype), p * a)
+
+
+def _scale(term: Term, p: Array, *, hard_zeros: bool = False) -> Term:
+    """`diag(p) J`. With `hard_zeros` (a selection: `p` is 0 or 1), rows where
+    `p == 0` become exactly empty.
+
+    Forward-mode AD drops the tangent of the branch `jnp.where` does not select,
+    and so must the analysis: that branch's partials may be `inf` or NaN (`sin(s)/s`
+    at `s = 0`), and `0 · NaN` is NaN. Only selections pay for the `where`: after
+    any other primitive a NaN partial is NaN in forward mode too."""
+    scale = (lambda a: _select(p, a)) if hard_zeros else (lambda a: _mul(a, p))
     if isinstance(term, Sel):
-        return Sel(_mul(term.coef, p), term.idx)
-    return Mat(_mul(term.c, p), term.w, term.inner)
+        return Sel(scale(term.coef), term.idx)
+    return Mat(scale(term.c), term.w, term.inner, term.masked or hard_zeros)
 
 
 def _gather_rows(a: Array, rows: np.ndarray) -> Array:
@@ -117,14 +140,14 @@ def _take_rows(term: Term, rows: np.ndarray) -> Term:
         return Sel(coef, np.where(rows >= 0, term.idx[safe], -1))
     # Empty rows get zero rows of W (s-free, so computed once), and zero `c`.
     c = None if term.c is None else _gather_rows(term.c, rows)
-    return Mat(c, _gather_rows(term.w, rows), term.inner)
+    return Mat(c, _gather_rows(term.w, rows), term.inner, term.masked)
 
 
 def _cast(term: Term, dtype: Any) -> Term:
     if isinstance(term, Sel):
         return Sel(None if term.coef is None else term.coef.astype(dtype), term.idx)
     c = None if term.c is None else term.c.astype(dtype)
-    return Mat(c, term.w.astype(dtype), _cast(term.inner, dtype))
+    return Mat(c, term.w.astype(dtype), _cast(term.inner, dtype), term.masked)
 
 
 def _merge_sel(a: Sel, b: Sel, dtype: Any) -> Sel | None:
@@ -198,7 +221,14 @@ def _term_diagonal(term: Term, D: int, dtype: Any) -> Array:
         mask = term.idx == np.arange(D)
         coef = jnp.ones((D,), dtype) if term.coef is None else term.coef
         return jnp.where(mask, coef, zero)
-    c = jnp.ones((D,), dtype) if term.c is None else term.c
+    # A row emptied by a `jnp.where` (c = 0) stays empty whatever lies below it.
+    c = term.c
+    if c is None:
+        outer = lambda a: a  # noqa: E731
+    elif term.masked:
+        outer = lambda a: _select(c, a)  # noqa: E731
+    else:
+        outer = lambda a: c * a  # noqa: E731
     inner = term.inner
     if isinstance(inner, Sel):
         inv = _inverse(inner.idx, D)
@@ -206,12 +236,12 @@ def _term_diagonal(term: Term, D: int, dtype: Any) -> Array:
             safe, live = inv
             wg = jnp.where(live, term.w[np.arange(D), safe], zero)
             cg = 1 if inner.coef is None else jnp.where(live, inner.coef[safe], zero)
-            return c * wg * cg
+            return outer(wg * cg)
         # Several rows of the inner term hit column j: Σ_k W[j,k] coef[k] [idx[k]=j].
         masked = term.w * _sel_matrix(inner.idx, D).T.astype(dtype)
         if inner.coef is None:
-            return c * jnp.sum(masked, axis=1)
-        return c * (masked @ inner.coef)
+            return outer(jnp.sum(masked, axis=1))
+        return outer(masked @ inner.coef)
     # Depth 2: diag(c₂ W₂ diag(c₁) W₁ diag(c₀) S)[j] = c₂[j] c₀[inv j] ((W₂ ⊙ W₁[:, inv]ᵀ) @ c₁)[j]
     sel = inner.inner
     assert isinstance(sel, Sel)
@@ -221,11 +251,11 @@ def _term_diagonal(term: Term, D: int, dtype: Any) -> Array:
         safe, live = inv
         w1g = jnp.where(live[None, :], inner.w[:, safe], zero)  # (m1, D)
         c0 = 1 if sel.coef is None else jnp.where(live, sel.coef[safe], zero)
-        return c * c0 * ((term.w * w1g.T) @ c1)
+        return outer(c0 * ((term.w * w1g.T) @ c1))
     if sel.coef is not None:
         raise _Unsupported("depth-2 term over a non-injective selection with coefficients")
     b = inner.w @ _sel_matrix(sel.idx, D).astype(dtype)  # (m1, D), s-free
-    return c * ((term.w * b.T) @ c1)
+    return outer((term.w * b.T) @ c1)
 
 
 # --- the interpreter ------------------------------------------------------------
@@ -235,13 +265,15 @@ _ELEMENTWISE = frozenset(
     max min abs select_n erf erfc erf_inv sin cos tan asin acos atan atan2 sinh cosh
     asinh acosh atanh square clamp rem lgamma digamma reduce_precision""".split()
 )
+# Elementwise primitives whose derivative picks an operand (forward mode selects
+# the tangent, so the other operands' tangents never enter, NaN or not).
+_SELECTIONS = frozenset("select_n clamp".split())
 # Outputs with zero derivative: no terms, whatever the inputs.
 _ZERO_DERIVATIVE = frozenset("stop_gradient sign floor ceil round is_finite".split())
-_IDENTITY = frozenset("copy copy_p optimization_barrier".split())
-_CALLS = frozenset(
-    "jit pjit closed_call core_call remat remat2 checkpoint custom_jvp_call "
-    "custom_vjp_call custom_vjp_call_jaxpr".split()
-)
+_IDENTITY = frozenset("copy copy_p".split())
+# Functions with their own derivative rule: the rule is used, not the primal's derivative.
+_CUSTOM_CALLS = frozenset("custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr".split())
+_CALLS = _CUSTOM_CALLS | frozenset("jit pjit closed_call core_call remat remat2 checkpoint".split())
 
 
 def _is_float(aval: Any) -> bool:
@@ -309,9 +341,72 @@ class _Interpreter:
             raise _Unsupported(f"call primitive {eqn.primitive.name} without a jaxpr")
         if len(jaxpr.invars) != len(ins):
             raise _Unsupported(f"{eqn.primitive.name} with hidden operands")
-        # A custom JVP rule is replaced by the derivative of its primal function
-        # (they differ only where the rule is a choice, e.g. relu at 0).
+        if eqn.primitive.name in _CUSTOM_CALLS:
+            return _custom_call(eqn, jaxpr, consts, ins, in_jacs)
         return _Interpreter().run(jaxpr, consts, ins, in_jacs)
+
+
+def _custom_call(eqn: Any, jaxpr: jex.Jaxpr, consts: Sequence, ins: list, in_jacs: list):
+    """A `jax.custom_jvp` or `jax.custom_vjp` function, differentiated by its own rule.
+
+    The rule, not the primal, defines the derivative (a safe `sqrt` whose rule is 0
+    where the primal's is `inf`). Only elementwise functions are supported: the
+    primal's jaxpr, analysed with respect to each `s`-dependent operand alone, must
+    give row `i` of every output a derivative from row `i` of that operand only.
+    The partials are then one JVP of the rule per operand with unit tangents (for
+    `custom_vjp`: one VJP per output with unit cotangents, the diagonal of the
+    rule's Jacobian being the same read either way).
+    """
+    name = eqn.primitive.name
+    dep = [k for k, j in enumerate(in_jacs) if j is not None]
+    shapes = [tuple(eqn.invars[k].aval.shape) for k in dep]
+    if not all(_is_float(v.aval) for v in eqn.outvars) or any(
+        len(shape) > 1 or tuple(v.aval.shape) != shape for shape in shapes for v in eqn.outvars
+    ):
+        raise _Unsupported(f"{name} other than an elementwise function of 0-d/1-d values")
+    for k, shape in zip(dep, shapes):
+        probe: list = [None] * len(ins)
+        probe[k] = [Sel(None, np.arange(int(np.prod(shape))))]
+        found: list = []
+        # Only the static row structure is wanted: trace it abstractly, once.
+        jax.eval_shape(
+            lambda *a, probe=probe: found.append(
+                _Interpreter().run(jaxpr, consts, list(a), probe)[1]
+            ),
+            *ins,
+        )
+        for terms in found[0]:
+            if terms and not (
+                len(terms) == 1
+                and isinstance(terms[0], Sel)
+                and np.array_equal(terms[0].idx, probe[k][0].idx)
+            ):
+                raise _Unsupported(f"{name} of a function that is not elementwise")
+
+    def bind(*args):
+        return eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
+
+    outs = bind(*ins)
+    out_terms: list[list[list[Term]]] = [[] for _ in outs]
+    for k in dep:
+
+        def at_k(v, k=k):
+            return bind(*ins[:k], v, *ins[k + 1 :])
+
+        if name == "custom_jvp_call":
+            partials = jax.jvp(at_k, (ins[k],), (_unit(ins[k]),))[1]
+        else:
+            _, vjp = jax.vjp(at_k, ins[k])
+            zeros = [jnp.zeros_like(o) for o in outs]
+            partials = [
+                vjp([_unit(o) if i == j else z for j, z in enumerate(zeros)])[0]
+                for i, o in enumerate(outs)
+            ]
+        for o, p in enumerate(partials):
+            p = jnp.reshape(p, (-1,))
+            out_terms[o].append([_scale(t, p, hard_zeros=True) for t in in_jacs[k]])
+    dtypes = [v.aval.dtype for v in eqn.outvars]
+    return outs, [_add(dtype, *terms) for dtype, terms in zip(dtypes, out_terms)]
 
 
 def _live_eqns(jaxpr: jex.Jaxpr) -> list:
@@ -349,6 +444,10 @@ def _rule(eqn: Any, ins: list, in_jacs: list) -> tuple[list, list]:
     out_shape: tuple[int, ...] = tuple(out_aval.shape)
     bind = lambda *args: eqn.primitive.bind(*args, **params)  # noqa: E731
 
+    if name == "optimization_barrier":  # the identity on several operands
+        return bind(*ins), [None if j is None else list(j) for j in in_jacs]
+    if eqn.primitive.multiple_results and name != "split":
+        raise _Unsupported(f"primitive {name} with several results")
     if len(out_shape) > 1:
         raise _Unsupported(f"{name} gives an s-dependent {out_shape} value")
     m = int(np.prod(out_shape))  # rows of the output's terms (1 for a scalar)
@@ -379,7 +478,7 @@ def _rule(eqn: Any, ins: list, in_jacs: list) -> tuple[list, list]:
 
             out, partial = jax.jvp(at_k, (ins[k],), (_unit(ins[k]),))
             p = jnp.reshape(partial, out_shape or (1,))
-            terms.append([_scale(t, p) for t in own(k)])
+            terms.append([_scale(t, p, hard_zeros=name in _SELECTIONS) for t in own(k)])
         return [bind(*ins) if out is None else out], [_add(out_aval.dtype, *terms)]
     if name == "slice" and len(out_shape) == 1:
         (start,), (limit,) = params["start_indices"], params["limit_indices"]
@@ -457,7 +556,10 @@ def structured_value_and_diagonal(
         return None
     x_abs, s_abs = _abstract(x), _abstract(s)
     D = s_abs.shape[0]
-    closed = jax.make_jaxpr(fn)(x_abs, s_abs)
+    try:
+        closed = jax.make_jaxpr(fn)(x_abs, s_abs)
+    except Exception:  # e.g. a cell that cannot be traced alone; the fallback will say
+        return None
     out_aval = closed.out_avals[0] if len(closed.out_avals) == 1 else None
     if out_aval is None or tuple(out_aval.shape) != (D,):
         return None
@@ -472,9 +574,15 @@ def structured_value_and_diagonal(
             diag = diag + _term_diagonal(_cast(term, dtype), D, dtype)
         return out.astype(dtype), diag
 
+    # Trace it here, alone and batched as the solvers call it, so that whatever the
+    # analysis cannot handle surfaces now: not only `_Unsupported` but any error of
+    # a primitive it meets (an unexpected parameter, a rule that fails) means the
+    # caller falls back to JVPs instead of failing the solve.
+    batch = lambda a: jax.ShapeDtypeStruct((2, *a.shape), a.dtype)  # noqa: E731
     try:
         jax.eval_shape(value_and_diagonal, x_abs, s_abs)
-    except _Unsupported:
+        jax.eval_shape(jax.vmap(value_and_diagonal), *jax.tree_util.tree_map(batch, (x_abs, s_abs)))
+    except Exception:
         return None
     return value_and_diagonal
 

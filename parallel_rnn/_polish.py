@@ -44,7 +44,8 @@ def correction(
 ) -> Float[Array, "T D"]:
     """One exact Newton correction `δ` at `states` (`fs`: the cell evaluated there)."""
     rhs = fs - states
-    if solver.jacobian == "dense" or _cheap_exact_jacobian(problem):
+    # (A cell without forward mode, a custom_vjp inside, has no matrix-free JVP path.)
+    if solver.jacobian == "dense" or _cheap_exact_jacobian(problem) or not problem.fn.forward_mode:
         _, jac = problem.linearise_exact(states)
         return linear_recurrence(jac, rhs, method=solver.scan)
     # Solvers that keep `O(T·D)` memory on a dense cell: the same linear recurrence,

@@ -76,7 +76,9 @@ class FlatCell(eqx.Module):
     `structure` says whether the diagonal or the blocks are the exact Jacobian
     (`"diagonal"`, `"block"`) or approximations of a `"dense"` one (`_structure.py`).
     `gated` returns the new state and the dense Jacobian as a one-step
-    `GatedJacobian` (`_gated.py`).
+    `GatedJacobian` (`_gated.py`). `forward_mode` is False for a cell that JAX
+    cannot differentiate in forward mode (one holding a `jax.custom_vjp` function):
+    its Jacobians are then read off VJPs (`jax.jacrev`, one VJP per row).
     """
 
     cell: Callable
@@ -87,6 +89,7 @@ class FlatCell(eqx.Module):
     blocks: Callable | None = None
     gated: Callable | None = None
     structure: str = eqx.field(static=True, default="dense")
+    forward_mode: bool = eqx.field(static=True, default=True)
 
     def __call__(self, x_t: PyTree, s: Float[Array, " D"]) -> Float[Array, " D"]:
         return self.spec.ravel(self.cell(x_t, self.spec.unravel(s)))
@@ -139,6 +142,8 @@ class Problem(eqx.Module):
             # tangents through every intermediate, several T×D×D arrays in all.
             return jax.vmap(analytic)(self.inputs, self.shift(states))
 
+        jacobian = jax.jacfwd if self.fn.forward_mode else jax.jacrev
+
         def one(x, s):
             # jacfwd with has_aux returns the primal computed inside the JVPs, so
             # the cell is evaluated once, not once more for the value.
@@ -146,7 +151,7 @@ class Problem(eqx.Module):
                 out = self.fn(x, s_)
                 return out, out
 
-            jac, value = jax.jacfwd(both, has_aux=True)(s)
+            jac, value = jacobian(both, has_aux=True)(s)
             return value, jac
 
         return jax.vmap(one)(self.inputs, self.shift(states))
@@ -220,7 +225,7 @@ class Problem(eqx.Module):
             fs, jac = self.linearise_dense(states)
             return fs, dense_to_blocks(jac, k)
         fs = jax.vmap(self.fn)(self.inputs, prev)
-        return fs, autodiff_blocks(self.fn, self.inputs, prev, k)
+        return fs, autodiff_blocks(self.fn, self.inputs, prev, k, self.fn.forward_mode)
 
     def diagonal_at(self, prev: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """Diagonal of `∂f/∂s` at the given predecessors `prev = (s_0..s_{T-1})`."""
@@ -233,7 +238,7 @@ class Problem(eqx.Module):
         """The cell's analytic diagonal, else `D` JVP passes (no jaxpr analysis)."""
         if self.fn.diag is not None:
             return jax.vmap(self.fn.diagonal)(self.inputs, prev)
-        return autodiff_diagonal(self.fn, self.inputs, prev)
+        return autodiff_diagonal(self.fn, self.inputs, prev, self.fn.forward_mode)
 
     def _structured_diagonal(self) -> Callable | None:
         """`(x_t, s) ↦ (f, diag ∂f/∂s)` read off the cell's jaxpr (`_jaxpr_diagonal.py`),
@@ -246,10 +251,23 @@ class Problem(eqx.Module):
         return structured_value_and_diagonal(self.fn, step, self.init)
 
 
-def autodiff_diagonal(
-    fn: Callable, inputs: PyTree, prev: Float[Array, "T D"]
+def _basis_products(
+    fn: Callable, inputs: PyTree, prev: Float[Array, "T D"], i: Array, forward_mode: bool
 ) -> Float[Array, "T D"]:
-    """Jacobian diagonal by one JVP per state dimension.
+    """Column `i` of `∂f/∂s` at every step by one JVP (`J e_i`), or without forward
+    mode row `i` by one VJP (`e_iᵀ J`)."""
+    e = jnp.zeros((prev.shape[1],), prev.dtype).at[i].set(1)
+    if forward_mode:
+        one = lambda x, s: jax.jvp(lambda s_: fn(x, s_), (s,), (e,))[1]  # noqa: E731
+    else:
+        one = lambda x, s: jax.vjp(lambda s_: fn(x, s_), s)[1](e)[0]  # noqa: E731
+    return jax.vmap(one)(inputs, prev)
+
+
+def autodiff_diagonal(
+    fn: Callable, inputs: PyTree, prev: Float[Array, "T D"], forward_mode: bool = True
+) -> Float[Array, "T D"]:
+    """Jacobian diagonal by one JVP (or VJP, without forward mode) per state dimension.
 
     Each pass pushes the basis vector `e_i` through the cell at every time step
     and keeps component `i`, so memory stays `O(T·D)`; the price is `D` passes,
@@ -258,9 +276,7 @@ def autodiff_diagonal(
     T, D = prev.shape
 
     def column(i):
-        e = jnp.zeros((D,), prev.dtype).at[i].set(1)
-        tangent = jax.vmap(lambda x, s: jax.jvp(lambda s_: fn(x, s_), (s,), (e,))[1])(inputs, prev)
-        return tangent[:, i]
+        return _basis_products(fn, inputs, prev, i, forward_mode)[:, i]
 
     return jax.lax.map(column, jnp.arange(D), batch_size=_columns_per_pass(D)).T
 
@@ -273,18 +289,16 @@ def _columns_per_pass(D: int) -> int | None:
 
 
 def autodiff_blocks(
-    fn: Callable, inputs: PyTree, prev: Float[Array, "T D"], k: int
+    fn: Callable, inputs: PyTree, prev: Float[Array, "T D"], k: int, forward_mode: bool = True
 ) -> Float[Array, "T n k k"]:
-    """The `k×k` diagonal blocks of `∂f/∂s` by one JVP per state dimension (`O(T·D·k)`)."""
+    """The `k×k` diagonal blocks of `∂f/∂s` by one JVP (or VJP) per state dimension (`O(T·D·k)`)."""
     T, D = prev.shape
     n = D // k
 
     def column(i):
-        e = jnp.zeros((D,), prev.dtype).at[i].set(1)
-        tangent = jax.vmap(lambda x, s: jax.jvp(lambda s_: fn(x, s_), (s,), (e,))[1])(inputs, prev)
-        # Column i = b·n + j of the Jacobian touches block j in its rows a·n + j.
-        return tangent.reshape(T, k, n)[:, :, i % n]  # (T, k): rows a of column b
+        # Column (row) i = b·n + j touches block j in its rows (columns) a·n + j.
+        return _basis_products(fn, inputs, prev, i, forward_mode).reshape(T, k, n)[:, :, i % n]
 
     cols = jax.lax.map(column, jnp.arange(D), batch_size=_columns_per_pass(D))  # (D, T, k)
-    cols = cols.reshape(k, n, T, k)  # [b, j, t, a]
-    return jnp.transpose(cols, (2, 1, 3, 0))  # [t, j, a, b]
+    cols = cols.reshape(k, n, T, k)  # JVPs: [b, j, t, a]; VJPs: [a, j, t, b]
+    return jnp.transpose(cols, (2, 1, 3, 0) if forward_mode else (2, 1, 0, 3))  # [t, j, a, b]

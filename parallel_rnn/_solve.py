@@ -7,14 +7,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._adjoint import adjoint, tangent
+from ._adjoint import adjoint, parameter_cotangents, tangent
 from ._cost import check_bounded, switch_cost
 from ._iterate import Outcome, iterate
 from ._problem import Problem
 from ._solution import RESULTS, Solution
 from ._solver.base import AbstractSolver
 from ._solver.deer import DEER
-from ._structure import flat_cell
+from ._structure import flat_cell, registered_rule
 from ._tolerance import default_tolerances
 from ._validate import (
     check_cell,
@@ -79,6 +79,35 @@ def _implicit_jvp(primals, tangents, *, solver, rtol, atol, throw):
 
     delta = jax.lax.custom_linear_solve(matvec, rhs, solve, transpose_solve)
     return states, delta
+
+
+@eqx.filter_custom_vjp
+def _implicit_reverse(problem: Problem, states, solver, rtol, atol, throw):
+    """`_implicit` for a cell without forward mode (one holding a `jax.custom_vjp`
+    function): the same derivative, transposed only, with the cell's VJPs.
+
+    JAX refuses forward mode through it (`jax.jvp`, `jax.jacfwd`), as it does for
+    `lax.scan` of the same cell."""
+    del problem, solver, rtol, atol, throw
+    return states
+
+
+@_implicit_reverse.def_fwd
+def _implicit_reverse_fwd(perturbed, problem, states, solver, rtol, atol, throw):
+    del perturbed, problem, solver, rtol, atol, throw
+    return states, None
+
+
+@_implicit_reverse.def_bwd
+def _implicit_reverse_bwd(
+    residuals, cotangent, perturbed, problem, states, solver, rtol, atol, throw
+):
+    del residuals, perturbed
+    lam = adjoint(problem, states, cotangent, solver, rtol=rtol, atol=atol)
+    fn_bar, inputs_bar, init_bar = parameter_cotangents(
+        problem, states, _check_derivative(lam, throw)
+    )
+    return Problem(fn_bar, inputs_bar, init_bar)
 
 
 def _check_derivative(out: Outcome, throw: bool):
@@ -162,13 +191,19 @@ def solve_parallel(
     respect to the cell's parameters, `inputs` and `init_state`: the derivative is
     that of the exact recurrence (implicit function theorem), one linear recurrence
     solved in parallel (forwards for tangents, backwards for cotangents), not a
-    derivative of the iterations.
+    derivative of the iterations. A cell holding a `jax.custom_vjp` function has
+    reverse mode only (its Jacobians come from VJPs); forward mode then raises
+    JAX's `TypeError` ("can't apply forward-mode autodiff (jvp) to a custom_vjp
+    function"), as it does through `lax.scan`.
     """
     if not isinstance(solver, AbstractSolver):
         raise TypeError(f"`solver` must be a parallel_rnn solver (e.g. DEER()); got {solver!r}")
     # Before the jit boundary, where NumPy scalars are still concrete.
     rtol, atol, max_steps = normalise_options(rtol, atol, max_steps)
     bounded = check_bounded(bounded)
+    # The registry is read here, not while tracing: the closed forms registered for
+    # the cell's class are a static argument, so a new registration recompiles.
+    registered = registered_rule(cell)
     return _solve_parallel(
         cell,
         inputs,
@@ -182,12 +217,25 @@ def solve_parallel(
         bool(trace),
         bool(polish),
         bounded,
+        registered,
     )
 
 
 @eqx.filter_jit
 def _solve_parallel(
-    cell, inputs, init_state, solver, guess, rtol, atol, max_steps, throw, trace, polish, bounded
+    cell,
+    inputs,
+    init_state,
+    solver,
+    guess,
+    rtol,
+    atol,
+    max_steps,
+    throw,
+    trace,
+    polish,
+    bounded,
+    registered,
 ) -> Solution:
     T = check_inputs(inputs)
     spec = check_state(init_state)
@@ -210,7 +258,7 @@ def _solve_parallel(
     fallback = jnp.where(jnp.isfinite(s0), s0, 0)
     guess_flat = jax.lax.stop_gradient(jnp.where(jnp.isfinite(guess_flat), guess_flat, fallback))
 
-    problem = Problem(flat_cell(cell, x_0, init_state, spec), inputs, s0)
+    problem = Problem(flat_cell(cell, x_0, init_state, spec, registered), inputs, s0)
     out = iterate(
         _no_gradient(problem),
         solver,
@@ -222,7 +270,10 @@ def _solve_parallel(
         polish=polish,
         switch_cost=switch_cost(bounded, solver, T, spec.size),
     )
-    states = _implicit(problem, out.states, solver=solver, rtol=rtol, atol=atol, throw=throw)
+    if problem.fn.forward_mode:
+        states = _implicit(problem, out.states, solver=solver, rtol=rtol, atol=atol, throw=throw)
+    else:
+        states = _implicit_reverse(problem, out.states, solver, rtol, atol, throw)
     if throw:
         states = out.result.error_if(states, out.result != RESULTS.successful)
     return Solution(

@@ -17,7 +17,7 @@ from ._shard import sharded_over
 from ._solution import Solution
 from ._solver.base import AbstractSolver
 from ._solver.deer import DEER
-from ._structure import flat_cell
+from ._structure import JacobianRule, flat_cell, registered_rule
 from ._tolerance import default_tolerances
 from ._validate import check_cell, check_guess, check_inputs, check_state, normalise_options
 
@@ -90,6 +90,7 @@ def _local(fn: FlatCell) -> FlatCell:
         wrap(fn.value_and_jac),  # pyright: ignore[reportArgumentType]
         blocks=wrap(fn.blocks),
         gated=wrap(fn.gated),
+        forward_mode=fn.forward_mode,
     )
 
 
@@ -104,6 +105,7 @@ def _unlocal(fn: FlatCell) -> FlatCell:
         unwrap(fn.value_and_jac),
         blocks=unwrap(fn.blocks),
         gated=unwrap(fn.gated),
+        forward_mode=fn.forward_mode,
     )
 
 
@@ -243,7 +245,6 @@ def _axis_size(mesh: Mesh, name: str, argument: str) -> int:
     return int(mesh.shape[name])
 
 
-@eqx.filter_jit
 def solve_sharded(
     cell: Callable,
     inputs: PyTree,
@@ -285,6 +286,44 @@ def solve_sharded(
     Reverse-mode differentiable like `solve_parallel`; the adjoint recurrence runs
     over the same shards.
     """
+    # The registry is read here, outside the jit: the closed forms registered for
+    # the cell's class are a static argument, so a new registration recompiles.
+    return _solve_sharded(
+        cell,
+        inputs,
+        init_state,
+        solver,
+        mesh=mesh,
+        axis_name=axis_name,
+        batch_axis=batch_axis,
+        guess=guess,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        throw=throw,
+        trace=trace,
+        registered=registered_rule(cell),
+    )
+
+
+@eqx.filter_jit
+def _solve_sharded(
+    cell: Callable,
+    inputs: PyTree,
+    init_state: PyTree,
+    solver: AbstractSolver,
+    *,
+    mesh: Mesh,
+    axis_name: str,
+    batch_axis: str | None,
+    guess: PyTree | None,
+    rtol: float | None,
+    atol: float | None,
+    max_steps: int | None,
+    throw: bool,
+    trace: bool,
+    registered: JacobianRule | None,
+) -> Solution:
     if not isinstance(solver, AbstractSolver):
         raise TypeError(f"`solver` must be a parallel_rnn solver (e.g. DEER()); got {solver!r}")
     if not isinstance(mesh, Mesh):
@@ -340,7 +379,7 @@ def solve_sharded(
     guess_flat = jax.lax.stop_gradient(guess_flat)
 
     layout = _Layout(mesh, axis_name, batch_axis)
-    problem = Problem(flat_cell(cell, x_0, init_one, spec), inputs, s0)
+    problem = Problem(flat_cell(cell, x_0, init_one, spec, registered), inputs, s0)
     out = _solve(problem, guess_flat, solver, rtol, atol, max_steps, trace, throw, layout)
     states = out.states
     if throw:

@@ -22,12 +22,14 @@ from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import equinox as eqx
+import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
-from ._gated import blocks_to_diagonal as blocks_to_diagonal, check_gated
+from ._gated import blocks_to_diagonal as blocks_to_diagonal
 from ._problem import FlatCell, StateSpec
-from ._validate import check_cell, check_jacobian
+from ._validate import check_closed_form
 
 
 Structure = Literal["dense", "diagonal", "block"]
@@ -35,13 +37,18 @@ _STRUCTURES = ("dense", "diagonal", "block")
 
 
 class JacobianRule(NamedTuple):
-    """Closed forms for one class, each a function `(cell, input_t, state)`."""
+    """Closed forms for one class, each a function `(cell, input_t, state)`.
+
+    `owner` is the registered class (`None` for a cell's own methods). A registered
+    rule is hashable: the solves take it as a static argument, so that a new
+    registration is a new compilation (see `registered_rule`)."""
 
     structure: Structure
     value_and_diagonal: Callable | None
     value_and_blocks: Callable | None
     value_and_jacobian: Callable | None
     value_and_gated: Callable | None = None
+    owner: type | None = None
 
 
 _REGISTRY: dict[type, JacobianRule] = {}
@@ -56,7 +63,8 @@ def register_jacobian(
     value_and_jacobian: Callable | None = None,
     value_and_gated: Callable | None = None,
 ) -> None:
-    """Give every instance of `cls` (and of its subclasses) closed-form Jacobians.
+    """Give every instance of `cls` (and of its subclasses that keep its `__call__`)
+    closed-form Jacobians.
 
     For classes you cannot edit (`eqx.nn.GRUCell` and `eqx.nn.LSTMCell` are
     registered this way by `parallel_rnn.cells`). Each function takes
@@ -74,7 +82,14 @@ def register_jacobian(
     `value_and_diagonal`) or `"block"` (needs `value_and_blocks`) make `DEER` exact
     at `O(T·D)` (`O(T·D·k)`) memory; `"dense"` (the default) means the diagonal or
     blocks given are approximations, used by the quasi solvers. A later
-    registration of the same class replaces the earlier one.
+    registration of the same class replaces the earlier one, and takes effect at
+    the next call of `solve_parallel` or `solve_sharded` (which compile again for
+    it; a function you jitted yourself around a solve keeps the closed form it was
+    traced with until it is traced again).
+
+    A registration belongs to `cls.__call__`: a subclass that defines its own
+    `__call__` does not inherit it (its Jacobians come from its own methods or
+    autodiff), one that does not override `__call__` does.
     """
     if not isinstance(cls, type):
         raise TypeError(f"`cls` must be a class; got {cls!r}")
@@ -93,8 +108,20 @@ def register_jacobian(
         if f is not None and not callable(f):
             raise TypeError(f"`{name}` must be callable; got {f!r}")
     _REGISTRY[cls] = JacobianRule(
-        structure, value_and_diagonal, value_and_blocks, value_and_jacobian, value_and_gated
+        structure, value_and_diagonal, value_and_blocks, value_and_jacobian, value_and_gated, cls
     )
+
+
+def registered_rule(cell: Callable) -> JacobianRule | None:
+    """The registration that applies to `cell`: the first class along its MRO that is
+    registered and whose `__call__` is the cell's (a closed form is only the
+    Jacobian of the `__call__` it was written for)."""
+    call = getattr(type(cell), "__call__", None)
+    for cls in type(cell).__mro__:
+        rule = _REGISTRY.get(cls)
+        if rule is not None and getattr(cls, "__call__", None) is call:
+            return rule
+    return None
 
 
 def _unbound(cell, name: str) -> Callable | None:
@@ -102,11 +129,12 @@ def _unbound(cell, name: str) -> Callable | None:
     return None if method is None else (lambda _, x, s: method(x, s))
 
 
-def jacobian_rule(cell: Callable) -> JacobianRule:
-    """The closed forms of `cell`: its class's registration, else its own methods."""
-    for cls in type(cell).__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls]
+def jacobian_rule(cell: Callable, registered: JacobianRule | None = None) -> JacobianRule:
+    """The closed forms of `cell`: `registered` (by default its class's registration,
+    `registered_rule(cell)`), else its own methods."""
+    registered = registered_rule(cell) if registered is None else registered
+    if registered is not None:
+        return registered
     both = _unbound(cell, "value_and_diagonal_jacobian")
     diag = getattr(cell, "diagonal_jacobian", None)
     if both is None and diag is not None:
@@ -133,48 +161,49 @@ def dense_to_blocks(jac: Float[Array, "... D D"], k: int) -> Float[Array, "... n
     return jnp.moveaxis(jnp.diagonal(J, axis1=-3, axis2=-1), -1, -3)  # (..., n, k, k)
 
 
-def _jacobian_shape(f: Callable, name: str, x_t: PyTree, init_state: PyTree):
-    """The abstract Jacobian part of a closed form `f(input_t, state) -> (new, jac)`."""
-    try:
-        return eqx.filter_eval_shape(f, x_t, init_state)[1]
-    except Exception as e:
-        raise TypeError(f"calling `{name}(input_t, state)` failed: {e}") from e
+_METHODS = {
+    "value_and_diagonal": "value_and_diagonal_jacobian",
+    "value_and_blocks": "value_and_block_jacobian",
+    "value_and_jacobian": "value_and_jacobian",
+    "value_and_gated": "value_and_gated_jacobian",
+}
 
 
-def _check_blocks(f: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> None:
-    name = "value_and_block_jacobian"
-    blocks = _jacobian_shape(f, name, x_t, init_state)
-    shape = getattr(blocks, "shape", None)
-    if (
-        shape is None
-        or len(shape) != 3
-        or shape[1] != shape[2]
-        or shape[0] * shape[1] != spec.size
-        or not jnp.issubdtype(blocks.dtype, jnp.floating)
-    ):
-        raise ValueError(
-            f"`{name}` must return floating blocks of shape (n, k, k) with n·k = D = "
-            f"{spec.size}; got {shape}"
-        )
+def _name(rule: JacobianRule, kind: str, cell: Callable) -> str:
+    """Where the closed form `kind` of `rule` comes from, for error messages."""
+    if rule.owner is not None:
+        f = getattr(rule, kind)
+        fname = getattr(f, "__qualname__", None) or repr(f)
+        return f"`{fname}` (registered as `register_jacobian({rule.owner.__name__}, {kind}=...)`)"
+    if kind == "value_and_diagonal" and getattr(cell, _METHODS[kind], None) is None:
+        return "`cell.diagonal_jacobian`"
+    return f"`cell.{_METHODS[kind]}`"
 
 
-def flat_cell(cell: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> FlatCell:
-    """`cell` on flat `(D,)` states, with whatever closed-form Jacobians it has."""
+def flat_cell(
+    cell: Callable,
+    x_t: PyTree,
+    init_state: PyTree,
+    spec: StateSpec,
+    registered: JacobianRule | None = None,
+) -> FlatCell:
+    """`cell` on flat `(D,)` states, with whatever closed-form Jacobians it has.
+
+    `registered` is `registered_rule(cell)`, looked up by the caller outside its
+    `jit` so that the compiled solve depends on it."""
     # Closure conversion turns whatever the cell closes over (parameters, tracers
     # of an outer jax.grad) into pytree leaves, so the custom VJP can return
     # their cotangents; plain closures would otherwise fail under differentiation.
     convert = lambda f: eqx.filter_closure_convert(f, x_t, init_state)  # noqa: E731
-    rule = jacobian_rule(cell)
-    bind = lambda f: None if f is None else functools.partial(f, cell)  # noqa: E731
-    both, blocks, dense, gated = map(  # pyright: ignore[reportAssignmentType]
-        bind,
-        (
-            rule.value_and_diagonal,
-            rule.value_and_blocks,
-            rule.value_and_jacobian,
-            rule.value_and_gated,
-        ),
-    )
+    rule = jacobian_rule(cell, registered)
+    bound = {}
+    for kind in _METHODS:
+        f = getattr(rule, kind)
+        if f is not None:
+            f = functools.partial(f, cell)
+            check_closed_form(f, _name(rule, kind, cell), kind, x_t, init_state, spec)
+        bound[kind] = f
+    both, blocks = bound["value_and_diagonal"], bound["value_and_blocks"]
     if both is None and blocks is not None:
         # The diagonal of the blocks serves the quasi solvers.
         def both(x, s, blocks=blocks):
@@ -183,30 +212,43 @@ def flat_cell(cell: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) 
 
     diag = None
     if both is not None:
-        only_diag = lambda x, s: both(x, s)[1]  # noqa: E731
-        check_cell(only_diag, x_t, init_state, method="cell.diagonal_jacobian")
-        diag, both = convert(only_diag), convert(both)
-    if blocks is not None:
-        _check_blocks(blocks, x_t, init_state, spec)
-        blocks = convert(blocks)
-    if dense is not None:
-        check_jacobian(dense, x_t, init_state, spec)
-        dense = convert(dense)
-    if gated is not None:
-        _check_gated(gated, x_t, init_state, spec)
-        gated = convert(gated)
+        value_and_diag = both  # closed over (not a default argument: those are not converted)
+        diag, both = convert(lambda x, s: value_and_diag(x, s)[1]), convert(value_and_diag)
+    dense, gated = bound["value_and_jacobian"], bound["value_and_gated"]
     return FlatCell(
         convert(cell),
         diag,
         spec,
         both,
-        dense,
-        blocks=blocks,
-        gated=gated,
+        None if dense is None else convert(dense),
+        blocks=None if blocks is None else convert(blocks),
+        gated=None if gated is None else convert(gated),
         structure=rule.structure,
+        forward_mode=_has_forward_mode(cell, x_t, init_state),
     )
 
 
-def _check_gated(f: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> None:
-    name = "value_and_gated_jacobian"
-    check_gated(_jacobian_shape(f, name, x_t, init_state), spec.size, name)
+def _has_forward_mode(cell: Callable, x_t: PyTree, init_state: PyTree) -> bool:
+    """Whether JAX can push a tangent through `cell`: not if it calls a `jax.custom_vjp`
+    function ("can't apply forward-mode autodiff (jvp) to a custom_vjp function").
+
+    Tracing such a JVP does not raise (evaluating it does): it leaves a `custom_lin`,
+    a linear map that can only be transposed, in the JVP's jaxpr."""
+
+    def push(x, s):
+        return jax.jvp(lambda s_: cell(x, s_), (s,), (s,))
+
+    return not _contains(eqx.filter_make_jaxpr(push)(x_t, init_state)[0].jaxpr, "custom_lin")
+
+
+def _contains(jaxpr: jex.Jaxpr, primitive: str) -> bool:
+    """Whether `primitive` occurs in `jaxpr` or in a jaxpr nested in it (calls, loops)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = sub.jaxpr if isinstance(sub, jex.ClosedJaxpr) else sub
+                if isinstance(sub, jex.Jaxpr) and _contains(sub, primitive):
+                    return True
+    return False

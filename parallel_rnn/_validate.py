@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
+from ._gated import check_gated
 from ._problem import StateSpec, make_spec
 
 
@@ -138,26 +139,68 @@ def _check_like_state(got: PyTree, init_state: PyTree, method: str) -> None:
             )
 
 
-def check_jacobian(method: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> None:
-    """`cell.value_and_jacobian` must return `(new_state, (D, D) array)`."""
-    name = "cell.value_and_jacobian"
+_WHAT = {
+    "value_and_diagonal": "diagonal",
+    "value_and_blocks": "blocks",
+    "value_and_jacobian": "jacobian",
+    "value_and_gated": "gated_jacobian",
+}
+
+
+def check_closed_form(
+    f: Callable, name: str, kind: str, x_t: PyTree, init_state: PyTree, spec: StateSpec
+) -> None:
+    """A closed form `f(input_t, state) -> (new_state, J)` of kind `kind` (a
+    `register_jacobian` keyword) must return a pair whose `new_state` is like
+    `init_state` and whose `J` has the kind's shapes. `name` says where `f` comes
+    from (the registered function, or the cell's method) for the messages."""
+    what = _WHAT[kind]
     try:
-        value, jac = eqx.filter_eval_shape(method, x_t, init_state)
+        out = eqx.filter_eval_shape(f, x_t, init_state)
     except Exception as e:
         raise TypeError(
-            f"calling `{name}(input_t, state)` failed, or did not return a pair "
-            f"(new_state, jacobian), with input_t = {_describe(x_t)} and "
-            f"state = {_describe(init_state)}: {e}"
+            f"calling {name} with input_t = {_describe(x_t)} and state = "
+            f"{_describe(init_state)} failed: {e}"
         ) from e
-    _check_like_state(value, init_state, name)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(f"{name} must return a pair (new_state, {what}); got {_describe(out)}")
+    value, jac = out
+    expected = _describe(init_state)
+    _check_like(value, init_state, f"the new_state returned by {name}")
     D = spec.size
-    if not hasattr(jac, "shape") or tuple(jac.shape) != (D, D):
+    if kind == "value_and_diagonal":
+        _check_like(jac, init_state, f"the diagonal returned by {name}")
+        return
+    if kind == "value_and_gated":
+        check_gated(jac, D, name)
+        return
+    shape = tuple(getattr(jac, "shape", ()))
+    if kind == "value_and_blocks":
+        ok = len(shape) == 3 and shape[1] == shape[2] and shape[0] * shape[1] == D
+        want = f"of shape (n, k, k) with n·k = D = {D}"
+    else:
+        ok = shape == (D, D)
+        want = f"of shape ({D}, {D}), the Jacobian of the flattened state (D = {D})"
+    if not ok or not jnp.issubdtype(jac.dtype, jnp.floating):
         raise ValueError(
-            f"`{name}` must return the Jacobian of the flattened state as a ({D}, {D}) "
-            f"array (D = total size of `init_state` = {D}); got {_describe(jac)}"
+            f"the {what} returned by {name} must be a floating array {want}, for "
+            f"init_state = {expected}; got {_describe(jac)}"
         )
-    if not jnp.issubdtype(jac.dtype, jnp.floating):
-        raise TypeError(f"`{name}` must return a floating Jacobian; got {_describe(jac)}")
+
+
+def _check_like(got: PyTree, init_state: PyTree, subject: str) -> None:
+    """`got` (shapes and dtypes) must match `init_state`; `subject` starts the message."""
+    expected = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), init_state
+    )
+    same_structure = jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+    pairs = list(zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)))
+    if not same_structure or any(tuple(getattr(g, "shape", ())) != e.shape for g, e in pairs):
+        raise ValueError(
+            f"{subject} must have the structure and shapes of `init_state` {expected}; got {got}"
+        )
+    if any(getattr(g, "dtype", None) != e.dtype for g, e in pairs):
+        raise TypeError(f"{subject} must have the dtype of `init_state` {expected}; got {got}")
 
 
 def check_guess(guess: PyTree, init_state: PyTree, T: int) -> None:

@@ -85,7 +85,18 @@ STRUCTURED = {
         _h,
     ),
 }
+
+
+@jax.custom_jvp
+def _rotated_tanh(v):
+    # A custom rule on a function that mixes its entries: not elementwise.
+    return _W @ jnp.tanh(v)
+
+
+_rotated_tanh.defjvp(lambda p, t: (_rotated_tanh(p[0]), _W @ (t[0] / jnp.cosh(p[0]) ** 2)))
+
 FALLBACK = {
+    "custom_jvp_not_elementwise": (lambda x, s: _rotated_tanh(s), _h),
     "dot_s_s": (lambda x, s: jnp.dot(s, s) * s, _h),
     "norm": (lambda x, s: jnp.linalg.norm(s) * s, _h),
     "sort": (lambda x, s: jnp.sort(s), _h),
@@ -213,3 +224,137 @@ def test_grad_through_quasideer_on_closure_matches_bptt():
     expected = eqx.filter_grad(lambda a: loss(scan_reference, a))((cell, xs))
     assert max_abs_diff(actual, expected) < 1e-8
     assert np.max(np.abs(actual[0].w1)) > 0
+
+
+# --- issue 23: derivatives that are not the primal's derivative everywhere --------
+
+_W6 = 0.25 * jax.random.normal(jax.random.key(23), (D, D), F64)
+
+
+@jax.custom_jvp
+def _safe_sqrt(u):
+    return jnp.sqrt(jnp.maximum(u, 0.0))
+
+
+@_safe_sqrt.defjvp
+def _safe_sqrt_jvp(primals, tangents):
+    (u,), (du,) = primals, tangents
+    y = _safe_sqrt(u)
+    return y, jnp.where(u > 0, du / (2 * jnp.maximum(y, 1e-6)), 0.0)
+
+
+@jax.custom_vjp
+def _clipped_tanh(u):
+    return jnp.tanh(u)
+
+
+def _clipped_tanh_fwd(u):
+    return jnp.tanh(u), u
+
+
+def _clipped_tanh_bwd(u, g):
+    return (jnp.where(jnp.abs(u) < 1, g, 0.0),)  # a straight-through VJP, not tanh'
+
+
+_clipped_tanh.defvjp(_clipped_tanh_fwd, _clipped_tanh_bwd)
+
+# x_t has D entries here, as in the issue's reproducers.
+RULE_CELLS = {
+    # The unselected branch's derivative is NaN at s = 0 (0/0).
+    "where_sinc": lambda x, s: (
+        0.6 * jnp.where(s != 0, jnp.sin(s) / s, 1.0) * jnp.tanh(_W6 @ s + x) + 0.1 * s
+    ),
+    # The primal's derivative is inf/NaN for u <= 0, the rule's is 0.
+    "custom_jvp_safe_sqrt": lambda x, s: 0.5 * _safe_sqrt(jnp.tanh(_W6 @ s + x)) + 0.2 * s,
+    # A primitive with several results.
+    "optimization_barrier": lambda x, s: (lambda a, b: jnp.tanh(_W6 @ a + b))(
+        *jax.lax.optimization_barrier((s, x))
+    ),
+    # Reverse mode only: the oracle is jacrev, and the VJP rule is not tanh'.
+    "custom_vjp_clipped_tanh": lambda x, s: _clipped_tanh(_W6 @ s + 2 * x) + 0.1 * s,
+}
+
+
+@pytest.mark.parametrize("name", sorted(RULE_CELLS))
+def test_structured_diagonal_follows_derivative_rules_and_is_finite_where_autodiff_is(name):
+    cell = RULE_CELLS[name]
+    fn = _flat(cell, _h)
+    x = jax.random.normal(jax.random.key(24), (D,), F64)
+    value_and_diag = structured_value_and_diagonal(fn, x, _h)
+    assert value_and_diag is not None, "the structured analysis should succeed"
+    oracle = jax.jacrev if name.startswith("custom_vjp") else jax.jacfwd
+    for s in (_h, jax.random.normal(jax.random.key(25), (D,), F64)):
+        expected = jnp.diagonal(oracle(lambda s_: fn(x, s_))(s))
+        assert bool(jnp.all(jnp.isfinite(expected)))
+        value, diag = jax.jit(value_and_diag)(x, s)
+        assert max_abs_diff(diag, expected) < 1e-12
+        assert max_abs_diff(value, fn(x, s)) < 1e-12
+
+
+def test_selection_above_a_matrix_product_keeps_unselected_rows_empty():
+    # At s = 0 the derivative of sqrt(s²) is 0·inf = NaN, which W spreads to every
+    # row of W @ sqrt(s²); jnp.where keeps it only in the rows it selects.
+    x = jnp.array([1.0, -1.0, 1.0, -1.0, -1.0, 1.0], F64)
+
+    def cell(x, s):
+        return jnp.where(x > 0, jnp.tanh(_W6 @ jnp.sqrt(s**2) + x), 0.3 * jnp.tanh(s))
+
+    fn = _flat(cell, _h)
+    value_and_diag = structured_value_and_diagonal(fn, x, _h)
+    assert value_and_diag is not None
+    expected = jnp.diagonal(jax.jacfwd(lambda s_: fn(x, s_))(_h))
+    diag = jax.jit(value_and_diag)(x, _h)[1]
+    finite = np.asarray(jnp.isfinite(expected))
+    assert finite.tolist() == (np.asarray(x) < 0).tolist()
+    assert max_abs_diff(diag[finite], expected[finite]) < 1e-15
+
+
+def test_an_error_inside_the_analysis_falls_back_to_jvps(monkeypatch):
+    def broken(eqn, ins, in_jacs):
+        raise RuntimeError("an analysis bug")
+
+    monkeypatch.setattr(_jaxpr_diagonal, "_rule", broken)
+    fn = _flat(*STRUCTURED["gru"])
+    x, s = _point(fn)
+    assert not is_structured(fn, x, s)
+    diag = Problem(fn, x[None], s).diagonal_at(s[None])[0]
+    assert max_abs_diff(diag, _jacfwd_diagonal(fn, x, s)) < 1e-12
+
+
+_T_RULE = 120
+_XS_RULE = jax.random.normal(jax.random.key(26), (_T_RULE, D), F64)
+
+
+@pytest.mark.parametrize(
+    "name, solver, max_steps",
+    [
+        # All 120 iterations (NaN diagonals) before; 23 with the true diagonal (the
+        # same count as with the D-JVP diagonal, measured).
+        ("where_sinc", prnn.QuasiDEER(), 25),
+        ("where_sinc", prnn.QuasiELK(), 25),
+        # 120 with the primal's derivative; 15 with the rule's (and with D JVPs).
+        ("custom_jvp_safe_sqrt", prnn.QuasiDEER(), 20),
+        # These crashed.
+        ("optimization_barrier", prnn.QuasiDEER(), _T_RULE),
+        ("optimization_barrier", prnn.QuasiELK(), _T_RULE),
+    ],
+)
+def test_quasi_solvers_on_rule_cells_match_scan_in_few_iterations(name, solver, max_steps):
+    cell = RULE_CELLS[name]
+    sol = prnn.solve_parallel(cell, _XS_RULE, _h, solver)
+    assert max_abs_diff(sol.states, scan_reference(cell, _XS_RULE, _h)) < 1e-9
+    assert int(sol.num_steps) <= max_steps
+
+
+def test_picard_gradient_through_optimization_barrier_cell_matches_scan():
+    base = RULE_CELLS["optimization_barrier"]
+    xs = _XS_RULE[:30]
+
+    def loss(solve, scale):
+        cell = lambda x, s: base(x, scale * s)  # noqa: E731
+        return jnp.sum(jnp.sin(solve(cell, xs, _h)))
+
+    picard = lambda c, x, s: prnn.solve_parallel(c, x, s, prnn.Picard()).states  # noqa: E731
+    actual = jax.grad(lambda a: loss(picard, a))(1.3)
+    expected = jax.grad(lambda a: loss(scan_reference, a))(1.3)
+    assert abs(actual - expected) < 1e-9 and abs(expected) > 1e-3

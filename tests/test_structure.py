@@ -11,7 +11,12 @@ import parallel_rnn as prnn
 from parallel_rnn import cells
 from parallel_rnn._gated import step_products
 from parallel_rnn._scan import block_recurrence, linear_recurrence, transposed_recurrence
-from parallel_rnn._structure import blocks_to_diagonal, dense_to_blocks, jacobian_rule
+from parallel_rnn._structure import (
+    blocks_to_diagonal,
+    dense_to_blocks,
+    jacobian_rule,
+    registered_rule,
+)
 
 from .helpers import max_abs_diff, scan_reference
 
@@ -286,6 +291,104 @@ def test_register_jacobian_refuses_incomplete_declarations():
         prnn.register_jacobian(_Decay, structure="sparse")
     with pytest.raises(TypeError, match="class"):
         prnn.register_jacobian(_Decay(jnp.zeros(2)))
+
+
+class _Leak(eqx.Module):
+    """Like `_Decay`, registered by the tests below only."""
+
+    w: jax.Array
+
+    def __call__(self, x, s):
+        return jnp.tanh(self.w * s + x)
+
+
+def test_registering_again_after_a_compiled_solve_takes_effect():
+    calls = []
+
+    def zero_diagonal(cell, x, s):  # wrong: DEER degrades to Picard
+        return cell(x, s), jnp.zeros_like(s)
+
+    def exact_diagonal(cell, x, s):
+        calls.append("exact")
+        new = cell(x, s)
+        return new, (1 - new**2) * cell.w
+
+    cell = _Leak(jnp.linspace(-0.9, 0.9, 4))
+    xs = jax.random.normal(jax.random.key(14), (60, 4), jnp.float64)
+    s0 = jnp.zeros(4)
+    steps = []
+    for rule in (zero_diagonal, exact_diagonal):
+        prnn.register_jacobian(_Leak, structure="diagonal", value_and_diagonal=rule)
+        sol = prnn.solve_parallel(cell, xs, s0, prnn.DEER())
+        assert max_abs_diff(sol.states, scan_reference(cell, xs, s0)) < 1e-9
+        steps.append(int(sol.num_steps))
+    assert calls, "the second registration was not used"
+    assert steps[1] <= 6 < steps[0]
+
+
+class _HalfGRU(eqx.nn.GRUCell):
+    """A subclass with its own `__call__`: the GRU's closed forms are not its Jacobians."""
+
+    def __call__(self, input, hidden, *, key=None):
+        return 0.5 * super().__call__(input, hidden)
+
+
+class _SameGRU(eqx.nn.GRUCell):
+    """A subclass that keeps `__call__`: it keeps the GRU's closed forms."""
+
+
+def test_subclass_with_its_own_call_does_not_inherit_the_registered_closed_form():
+    key = jax.random.key(15)
+    half = _HalfGRU(M, 4, key=key, dtype=jnp.float64)
+    assert registered_rule(half) is None
+    assert registered_rule(_SameGRU(M, 4, key=key, dtype=jnp.float64)) is registered_rule(
+        eqx.nn.GRUCell(M, 4, key=key, dtype=jnp.float64)
+    )
+    xs = jax.random.normal(jax.random.key(16), (30, M), jnp.float64)
+    h0 = jnp.zeros(4)
+    # Before: DEER converged to the parent's trajectory and reported not_certified.
+    sol = prnn.solve_parallel(half, xs, h0, prnn.DEER())
+    assert max_abs_diff(sol.states, scan_reference(half, xs, h0)) < 1e-9
+
+
+def _wrong_value_shape(cell, x, s):
+    return cell(x, s)[:2], cell(x, s)
+
+
+def _wrong_blocks_shape(cell, x, s):
+    return cell(x, s), jnp.ones((3, 2, 2))
+
+
+def _wrong_value_dtype(cell, x, s):
+    return cell(x, s).astype(jnp.float32), jnp.eye(4)
+
+
+def _wrong_value_structure(cell, x, s):
+    return (cell(x, s),), None
+
+
+@pytest.mark.parametrize(
+    "kind, fn, error, match",
+    [
+        ("value_and_diagonal", _wrong_value_shape, ValueError, r"new_state.*\(4,\).*\(2,\)"),
+        ("value_and_blocks", _wrong_blocks_shape, ValueError, r"blocks.*D = 4.*\(3, 2, 2\)"),
+        ("value_and_jacobian", _wrong_value_dtype, TypeError, r"new_state.*dtype.*float32"),
+        ("value_and_gated", _wrong_value_structure, ValueError, r"new_state.*structure"),
+    ],
+)
+def test_registered_closed_form_with_wrong_shapes_is_refused_naming_the_function(
+    kind, fn, error, match
+):
+    class Cell(_Leak):  # a fresh class per case
+        pass
+
+    prnn.register_jacobian(Cell, **{kind: fn})
+    cell = Cell(jnp.linspace(-0.9, 0.9, 4))
+    with pytest.raises(error, match=match) as info:
+        prnn.solve_parallel(cell, jnp.zeros((5, 4)), jnp.zeros(4))
+    message = str(info.value)
+    assert fn.__name__ in message and f"register_jacobian(Cell, {kind}=" in message
+    assert "cell.diagonal_jacobian" not in message
 
 
 # Gated form of the dense Jacobian (`GatedJacobian`): Equinox's own cells

@@ -53,7 +53,8 @@ def _step_diagonal(problem: Problem):
         return fn.diagonal
     if structured is not None:
         return lambda x, s: structured(x, s)[1]
-    return lambda x, s: jnp.diagonal(jax.jacfwd(lambda s_: fn(x, s_))(s))
+    jacobian = jax.jacfwd if fn.forward_mode else jax.jacrev
+    return lambda x, s: jnp.diagonal(jacobian(lambda s_: fn(x, s_))(s))
 
 
 class MultipleShooting(AbstractSolver):
@@ -122,7 +123,12 @@ class MultipleShooting(AbstractSolver):
 
     def _coarse(self, problem: Problem, L: int, P: int) -> Problem:
         chunk_map = _ChunkMap(problem.fn, _step_diagonal(problem))
-        flat = FlatCell(chunk_map, chunk_map.diagonal, make_spec(problem.init))
+        flat = FlatCell(
+            chunk_map,
+            chunk_map.diagonal,
+            make_spec(problem.init),
+            forward_mode=problem.fn.forward_mode,
+        )
         return Problem(flat, _chunked_inputs(problem.inputs, P, L), problem.init)
 
     def init(self, problem: Problem, states):
