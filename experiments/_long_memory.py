@@ -337,3 +337,19 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def prediction_cases(args, T: int = 2048) -> dict:
+    """name -> loader of `(cell, xs, s0)` for `experiments.predict_cost`: the quick
+    list of `long_memory` (smoke: none), in `args.dtype`, at length `T`."""
+    from .long_memory import QUICK_MODELS
+
+    if getattr(args, "mode", "quick") == "smoke":
+        return {}
+    dtype = jnp.dtype(args.dtype)
+    return {
+        f"{name}_s{seed}": (
+            lambda name=name, seed=seed: load_case(name, T, seed=seed, dtype=dtype)[:3]
+        )
+        for name, seed in QUICK_MODELS
+    }

@@ -26,8 +26,9 @@ from ._problem import Problem
 
 
 def may_start(cost: float, T: int) -> bool:
-    """Whether even the first linearisation (cost `c`) can pay against `T` steps."""
-    return cost <= T
+    """Whether the first linearisation and one iteration (`2c`) can pay against `T`
+    steps: the rule below at `n = 0` with nothing solved yet."""
+    return 2 * cost <= T
 
 
 def keep_iterating(cost: float, n: Int[Array, ""], remaining: Int[Array, ""]) -> Array:
