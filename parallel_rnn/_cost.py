@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
@@ -123,7 +124,7 @@ def calibrate(
     from ._solve import solve_parallel
 
     shapes = jax.tree_util.tree_map(
-        lambda a: (np.shape(a), str(np.result_type(a))), (inputs, init_state)
+        lambda a: (np.shape(a), str(jnp.asarray(a).dtype)), (inputs, init_state)
     )
     key = (
         type(cell),

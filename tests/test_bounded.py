@@ -78,3 +78,26 @@ def test_bad_bounded_is_refused():
         prnn.solve_parallel(cell, xs, s0, bounded="yes")
     with pytest.raises(ValueError, match="`bounded`"):
         prnn.solve_parallel(cell, xs, s0, bounded=-1.0)
+
+
+def test_calibrate_measures_a_positive_cost_once_per_configuration():
+    cell, xs, s0 = gru_problem(jnp.float32, 64)
+    c = prnn.calibrate(cell, xs, s0, prnn.Jacobi(), reps=1)
+    assert c >= 0 and jnp.isfinite(c)
+    assert prnn.calibrate(cell, xs, s0, prnn.Jacobi(), reps=1) == c  # cached
+
+
+def test_diagnose_predicts_iterations_within_a_few_times_and_prices_them():
+    cell, xs, s0 = gru_problem(jnp.float64, 240, scale=2.0)
+    candidates = {"QuasiDEER": prnn.QuasiDEER(), "MultipleShooting": prnn.MultipleShooting()}
+    d = prnn.diagnose(cell, xs, s0, solvers=candidates, prefix=60, key=jax.random.key(0))
+    assert d.T == 240 and d.prefix == 60 and set(d.predictions) == set(candidates)
+    assert d.recommendation in (*candidates, "sequential")
+    assert "recommended" in str(d)
+    for name, solver in candidates.items():
+        measured = int(prnn.solve_parallel(cell, xs, s0, solver, polish=False).num_steps)
+        predicted = d.predictions[name].iterations
+        assert measured / 3 <= predicted <= 3 * measured + 3, name
+        assert d.predictions[name].cost == pytest.approx(
+            (predicted + 1) * prnn._cost.default_cost(solver, 240, 6)
+        )
