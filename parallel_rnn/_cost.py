@@ -115,9 +115,10 @@ def calibrate(
 ) -> float:
     """Measure the cost of one `solver` iteration in sequential cell steps, here.
 
-    Times `solve_parallel` stopped after 1 and after 3 iterations (the difference is
-    two iterations) and `solve_sequential`, each compiled first, the fastest of
-    `reps` runs. Cached per cell class and structure, input and state shapes, `T`,
+    Times `solve_parallel` stopped after 1 and after 5 iterations (zero tolerance, so
+    that no solve stops early; the difference is four iterations) and
+    `solve_sequential`, each compiled first, the fastest of `reps` runs (load on the
+    machine only adds time). Never below a hundredth of `T`. Cached per cell class and structure, input and state shapes, `T`,
     solver and backend. Pass the result as `solve_parallel(..., bounded=c)`.
     """
     from ._sequential import solve_sequential
@@ -161,8 +162,8 @@ def calibrate(
             ).states
         )
 
-    per_iteration = max(fastest(parallel(3)) - fastest(parallel(1)), 0.0) / 2
+    per_iteration = max(fastest(parallel(5)) - fastest(parallel(1)), 0.0) / 4
     per_step = fastest(lambda: solve_sequential(cell, inputs, init_state)) / T
-    cost = per_iteration / per_step
+    cost = max(per_iteration / per_step, T / 100)
     _CALIBRATION[key] = cost
     return cost

@@ -83,7 +83,7 @@ def test_bad_bounded_is_refused():
 def test_calibrate_measures_a_positive_cost_once_per_configuration():
     cell, xs, s0 = gru_problem(jnp.float32, 64)
     c = prnn.calibrate(cell, xs, s0, prnn.Jacobi(), reps=1)
-    assert c >= 0 and jnp.isfinite(c)
+    assert c >= 64 / 100 and jnp.isfinite(c)
     assert prnn.calibrate(cell, xs, s0, prnn.Jacobi(), reps=1) == c  # cached
 
 
