@@ -1,17 +1,20 @@
 """`diagnose`: predict each solver's iterations and cost before the full solve.
 
 The number of iterations a parallel solve needs is not known in advance. Two
-cheap measurements bound it well in practice:
+cheap measurements describe it:
 
 - the largest Lyapunov exponent `λ` along a short sequential prefix (how fast the
-  cell forgets: memory `1/|λ|` steps when `λ < 0`, chaotic when `λ > 0`);
+  cell forgets: memory `1/|λ|` steps when `λ < 0`, chaotic when `λ > 0`), reported
+  for the user: over a prefix of a few hundred steps it is a finite-time estimate,
+  often slightly positive on long-memory models that are contractive over
+  thousands of steps, so it does not enter the prediction (forcing linear growth
+  when it is positive made the predictions worse on every case measured);
 - each solver's iteration counts on two prefixes, of lengths `p/2` and `p`
   (seconds for `p` in the hundreds), whose ratio gives the growth exponent `α`
   in `n(T) ≈ n(p)·(T/p)^α`.
 
 The extrapolation is capped by what each solver guarantees (`T` iterations, or
-`P - 1` for multiple shooting), `α` is clipped to `[0, 1]` (and taken as 1 on a
-chaotic prefix, `λ > 0`, where iterations grow with `T`), and the predicted cost
+`P` for multiple shooting), `α` is clipped to `[0, 1]`, and the predicted cost
 of the full solve is `(n + 1)·c` sequential steps with `c` from the cost model of
 `_cost.py` (or the `costs` given). The recommendation is the cheapest of the
 solvers and the sequential scan. Validated in `experiments/predict_cost.py`
@@ -150,9 +153,7 @@ def diagnose(
             counts.append(int(sol.num_steps))
             ok = ok and bool(jnp.all(sol.converged))
         half, full = counts
-        if lle > 0:
-            alpha = 1.0
-        elif half > 0 and full > 0 and p >= 4:
+        if half > 0 and full > 0 and p >= 4:
             alpha = min(max(math.log(full / half) / math.log(p / max(1, p // 2)), 0.0), 1.0)
         else:
             alpha = 0.0 if full <= 1 else 1.0
