@@ -119,7 +119,8 @@ def calibrate(
     that no solve stops early; the difference is four iterations) and
     `solve_sequential`, each compiled first, the fastest of `reps` runs (load on the
     machine only adds time). Never below a hundredth of `T`. Cached per cell class
-    and structure, input and state shapes, `T`, solver and backend. Pass the result as `solve_parallel(..., bounded=c)`.
+    and structure, input and state shapes, `T`, solver and backend. Pass the result
+    as `solve_parallel(..., bounded=c)`.
     """
     from ._sequential import solve_sequential
     from ._solve import solve_parallel
