@@ -25,6 +25,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
+from ._closure import closure_convert
 from ._gated import blocks_to_diagonal as blocks_to_diagonal, check_gated
 from ._problem import FlatCell, StateSpec
 from ._validate import check_cell, check_jacobian
@@ -161,9 +162,9 @@ def _check_blocks(f: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec)
 def flat_cell(cell: Callable, x_t: PyTree, init_state: PyTree, spec: StateSpec) -> FlatCell:
     """`cell` on flat `(D,)` states, with whatever closed-form Jacobians it has."""
     # Closure conversion turns whatever the cell closes over (parameters, tracers
-    # of an outer jax.grad) into pytree leaves, so the custom VJP can return
+    # of an outer jax.grad) into pytree leaves, so the custom JVP can return
     # their cotangents; plain closures would otherwise fail under differentiation.
-    convert = lambda f: eqx.filter_closure_convert(f, x_t, init_state)  # noqa: E731
+    convert = lambda f: closure_convert(f, x_t, init_state)  # noqa: E731
     rule = jacobian_rule(cell)
     bind = lambda f: None if f is None else functools.partial(f, cell)  # noqa: E731
     both, blocks, dense, gated = map(  # pyright: ignore[reportAssignmentType]
