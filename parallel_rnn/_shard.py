@@ -16,7 +16,7 @@ which gives every shard its incoming value `c`; each shard then solves its piece
 again with `c` folded into its first right-hand side (`b_1 + A_1 c`). So one
 recurrence costs two local scans plus the product of the local `A_t`, and
 communicates one `(D, D)` matrix and one `D`-vector per shard (a `D`-vector for
-diagonal `A`).
+diagonal `A`, `n` blocks `k×k` for block-diagonal `A`).
 
 The context is a trace-time setting (a `contextvars.ContextVar`), read while the
 solve loop is traced inside `shard_map`; nothing here is jitted on its own, so no
