@@ -27,7 +27,7 @@ Either way the answer is the exact adjoint to the tolerance, independent of the
 forward solver and of its iterations. The tangent recurrence is solved the same
 way, forwards: by `DEER` after dense solvers (Newton on a linear problem: exact
 after one step) and by `QuasiDEER` on the "tangent cell" `δ ↦ b_t + A_t δ`
-otherwise. `_solve.py` ties the two together as one `lax.custom_linear_solve`.
+otherwise. `_implicit.py` ties the two together as one `lax.custom_linear_solve`.
 """
 
 from collections.abc import Callable
@@ -35,13 +35,13 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float
 
 from ._gated import GatedJacobian
 from ._iterate import Outcome, iterate
 from ._problem import FlatCell, Problem, make_spec
 from ._scan import Method, transposed_recurrence
-from ._shard import flip_time, global_length, shift_left, shift_right, time_index, time_max
+from ._shard import flip_time, global_length, shift_left, time_index, time_max
 from ._solver.base import AbstractSolver, Iterate, safeguard
 from ._solver.deer import DEER, QuasiDEER
 
@@ -219,24 +219,7 @@ def tangent(
         jnp.zeros_like(states),
         rtol=rtol,
         atol=atol,
-        max_steps=T,
+        max_steps=global_length(T),
         trace=False,
     )
     return eqx.tree_at(lambda o: o.states, out, scale * out.states)
-
-
-def parameter_cotangents(
-    problem: Problem, states: Float[Array, "T D"], costate: Float[Array, "T D"]
-) -> tuple[PyTree, PyTree, Float[Array, " D"]]:
-    """One batched VJP of the cell: cotangents of (flat cell, inputs, `s_0`).
-
-    Used by the sequence-sharded solve, whose custom VJP runs the adjoint inside
-    `shard_map`; the single-device solve differentiates through `_implicit`'s JVP.
-    """
-
-    def batched(fn, inputs, init):
-        prev = shift_right(states, init)
-        return jax.vmap(fn)(inputs, prev)
-
-    _, vjp = eqx.filter_vjp(batched, problem.fn, problem.inputs, problem.init)
-    return vjp(costate)

@@ -310,8 +310,10 @@ class _Interpreter:
         name = eqn.primitive.name
         no_derivative = name in _ZERO_DERIVATIVE or not any(_is_float(v.aval) for v in eqn.outvars)
         if no_derivative or all(j is None for j in in_jacs):
-            params = eqn.primitive.get_bind_params(eqn.params)
-            outs = eqn.primitive.bind(*ins, **params)
+            bind_params = eqn.primitive.get_bind_params(eqn.params)
+            # JAX before 0.9.1 gives `(subfuns, params)`, later versions the params alone.
+            subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
+            outs = eqn.primitive.bind(*subfuns, *ins, **params)
             outs = outs if eqn.primitive.multiple_results else [outs]
             for var, val in zip(eqn.outvars, outs):
                 self.vals[var] = val

@@ -201,6 +201,12 @@ def block_recurrence(
     `x_t` (`n = A.shape[1]`): for a state of `k` leaves of size `n`, unit `j` of
     every leaf. The associative form combines the blocks, `O(T·n·k³)` work.
     """
+    if _shard.sequence_axis() is not None:
+        solve = lambda A, b: block_recurrence(A, b, reverse=reverse, method=method)
+        associative = resolve_method(method) == "associative"
+        return _shard.linear_recurrence(
+            "block", solve, A, b, reverse=reverse, associative=associative
+        )
     n = A.shape[1]
     bb = _to_blocks(b, n)
     if resolve_method(method) == "sequential":

@@ -16,7 +16,7 @@ which gives every shard its incoming value `c`; each shard then solves its piece
 again with `c` folded into its first right-hand side (`b_1 + A_1 c`). So one
 recurrence costs two local scans plus the product of the local `A_t`, and
 communicates one `(D, D)` matrix and one `D`-vector per shard (a `D`-vector for
-diagonal `A`).
+diagonal `A`, `n` blocks `k×k` for block-diagonal `A`).
 
 The context is a trace-time setting (a `contextvars.ContextVar`), read while the
 solve loop is traced inside `shard_map`; nothing here is jitted on its own, so no
@@ -225,7 +225,7 @@ def globalise_status(status: PyTree, fs: Float[Array, "L D"]) -> PyTree:
 # ---------------------------------------------------------------------------
 # Linear recurrences over shards.
 
-Kind = Literal["dense", "diagonal", "transposed", "sum"]
+Kind = Literal["dense", "diagonal", "block", "transposed", "sum"]
 
 
 def _apply(kind: Kind, M, c):
@@ -233,6 +233,11 @@ def _apply(kind: Kind, M, c):
         return c
     if kind == "diagonal":
         return M * c
+    if kind == "block":  # M: (n, k, k) blocks acting on the strided layout of `_scan.py`
+        n, k = M.shape[0], M.shape[-1]
+        cb = c.reshape(k, n).T  # (n, k): unit j of every leaf
+        out = jnp.einsum("nij,nj->ni", M, cb, precision=_HIGHEST)
+        return out.T.reshape(-1)
     return jnp.einsum("ij,j->i", M, c, precision=_HIGHEST)
 
 
@@ -246,6 +251,7 @@ def _transfer(kind: Kind, A, reverse: bool, associative: bool):
         A, reverse = jnp.swapaxes(A, -1, -2), True
     # Forward: M = A_L ... A_1; backward: M = A_1 ... A_L. Either way each new
     # factor multiplies from the left in the order the recurrence visits them.
+    # (Block-diagonal A: the same products, batched over the blocks.)
     if associative:
         later_first = lambda earlier, later: jnp.matmul(later, earlier, precision=_HIGHEST)
         return lax.associative_scan(later_first, A, reverse=reverse)[0 if reverse else -1]
@@ -253,7 +259,7 @@ def _transfer(kind: Kind, A, reverse: bool, associative: bool):
     def step(M, A_t):
         return jnp.matmul(A_t, M, precision=_HIGHEST), None
 
-    eye = jnp.eye(A.shape[-1], dtype=A.dtype)
+    eye = jnp.broadcast_to(jnp.eye(A.shape[-1], dtype=A.dtype), A.shape[1:])
     return lax.scan(step, eye, A, reverse=reverse)[0]
 
 
@@ -268,8 +274,9 @@ def linear_recurrence(
 ) -> Float[Array, "L D"]:
     """A linear recurrence over the sharded time axis, from its unsharded local `solve`.
 
-    `kind` says how the value entering a shard acts: `"dense"`/`"diagonal"`:
-    `x_t = A_t x_{t-1} + b_t` (backwards with `reverse`); `"transposed"`:
+    `kind` says how the value entering a shard acts: `"dense"`/`"diagonal"`/`"block"`
+    (`A` `(L, D, D)`, `(L, D)`, `(L, n, k, k)`): `x_t = A_t x_{t-1} + b_t` (backwards
+    with `reverse`); `"transposed"`:
     `x_t = b_t + A_{t+1}ᵀ x_{t+1}` (`_scan.transposed_recurrence`); `"sum"`:
     `x_t = x_{t-1} + b_t`.
     """
@@ -294,7 +301,7 @@ def linear_recurrence(
     _, incoming = lax.scan(compose, jnp.zeros_like(v), (Ms, vs), reverse=backwards)
     c = incoming[_shard_index(axis)]
     edge = -1 if backwards else 0
-    if kind in ("dense", "diagonal"):
+    if kind in ("dense", "diagonal", "block"):
         assert A is not None
         push = _apply(kind, A[edge], c)
     else:

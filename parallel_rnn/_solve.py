@@ -7,9 +7,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._adjoint import adjoint, parameter_cotangents, tangent
 from ._cost import check_bounded, switch_cost
-from ._iterate import Outcome, iterate
+from ._implicit import (
+    implicit as _implicit,
+    implicit_reverse as _implicit_reverse,
+    no_gradient as _no_gradient,
+)
+from ._iterate import iterate
 from ._problem import Problem
 from ._solution import RESULTS, Solution
 from ._solver.base import AbstractSolver
@@ -23,97 +27,6 @@ from ._validate import (
     check_state,
     normalise_options,
 )
-
-
-def _no_gradient(tree: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(
-        lambda x: jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, tree
-    )
-
-
-@eqx.filter_custom_jvp
-def _implicit(problem: Problem, states, *, solver, rtol, atol, throw):
-    """The identity on `states`, the solution of `problem`; its JVP is the implicit one.
-
-    The iterations run on a copy of `problem` without gradient; this function
-    then attaches the derivative of the exact recurrence to their answer.
-    """
-    del problem, solver, rtol, atol, throw
-    return states
-
-
-@_implicit.def_jvp
-def _implicit_jvp(primals, tangents, *, solver, rtol, atol, throw):
-    problem, states = primals
-    problem_dot, _ = tangents  # `states` is a solution, not an input: its tangent is unused
-    # Calling `_implicit` again, not returning `states`, lets an outer JVP (jacfwd of
-    # jacrev: hessians) differentiate the solution by this same rule.
-    states = _implicit(problem, states, solver=solver, rtol=rtol, atol=atol, throw=throw)
-    if not jax.tree_util.tree_leaves(problem_dot):
-        return states, None
-
-    diff_mask = jax.tree_util.tree_map(
-        lambda t: t is not None, problem_dot, is_leaf=lambda t: t is None
-    )
-    diff, nondiff = eqx.partition(problem, diff_mask)
-
-    # b_t = ∂f/∂θ(x_t, s*_{t-1}) θ̇. Checkpointed: in reverse mode its transpose (the
-    # parameter VJP) recomputes the cell from `states` instead of storing its
-    # intermediates at every time step.
-    @jax.checkpoint
-    def evaluate(d):
-        return eqx.combine(d, nondiff).evaluate(states)
-
-    _, rhs = jax.jvp(evaluate, (diff,), (problem_dot,))
-
-    def matvec(delta):  # (I - L) δ, (L δ)_t = A_t δ_{t-1}
-        return delta - jax.jvp(problem.evaluate, (states,), (delta,))[1]
-
-    def solve(_, b):
-        out = tangent(problem, states, b, solver, rtol=rtol, atol=atol)
-        return _check_derivative(out, throw)
-
-    def transpose_solve(_, c):
-        out = adjoint(problem, states, c, solver, rtol=rtol, atol=atol)
-        return _check_derivative(out, throw)
-
-    delta = jax.lax.custom_linear_solve(matvec, rhs, solve, transpose_solve)
-    return states, delta
-
-
-@eqx.filter_custom_vjp
-def _implicit_reverse(problem: Problem, states, solver, rtol, atol, throw):
-    """`_implicit` for a cell without forward mode (one holding a `jax.custom_vjp`
-    function): the same derivative, transposed only, with the cell's VJPs.
-
-    JAX refuses forward mode through it (`jax.jvp`, `jax.jacfwd`), as it does for
-    `lax.scan` of the same cell."""
-    del problem, solver, rtol, atol, throw
-    return states
-
-
-@_implicit_reverse.def_fwd
-def _implicit_reverse_fwd(perturbed, problem, states, solver, rtol, atol, throw):
-    del perturbed, problem, solver, rtol, atol, throw
-    return states, None
-
-
-@_implicit_reverse.def_bwd
-def _implicit_reverse_bwd(
-    residuals, cotangent, perturbed, problem, states, solver, rtol, atol, throw
-):
-    del residuals, perturbed
-    lam = adjoint(problem, states, cotangent, solver, rtol=rtol, atol=atol)
-    fn_bar, inputs_bar, init_bar = parameter_cotangents(
-        problem, states, _check_derivative(lam, throw)
-    )
-    return Problem(fn_bar, inputs_bar, init_bar)
-
-
-def _check_derivative(out: Outcome, throw: bool):
-    if throw:
-        return RESULTS.adjoint_not_converged.error_if(out.states, ~out.converged)
-    return out.states
 
 
 def solve_parallel(

@@ -10,9 +10,9 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import PyTree
 
-from ._adjoint import adjoint, parameter_cotangents
+from ._implicit import Layout, implicit, implicit_reverse, no_gradient
 from ._iterate import Outcome, iterate
-from ._problem import FlatCell, Problem
+from ._problem import Problem
 from ._shard import sharded_over
 from ._solution import Solution
 from ._solver.base import AbstractSolver
@@ -26,14 +26,17 @@ def _specs(tree: PyTree, spec: P) -> PyTree:
     return jax.tree_util.tree_map(lambda _: spec, tree)
 
 
-# `check_vma=False` throughout: the closure-converted cell is checked against the
-# avals it was traced with, which carry no varying-axes annotation; and the
-# gradient is assembled explicitly here (the custom VJP is outside `shard_map`),
-# so the sums over shards are written out rather than inferred.
+class _Layout(Layout):
+    """The time axis (and a batch axis) split over a mesh (static).
 
-
-class _Layout(eqx.Module):
-    """Where everything lives on the mesh (static)."""
+    Every function of a `Problem` and of trajectories runs per shard inside
+    `shard_map`, with `sharded_over` set so that the building blocks that look
+    across time (`_shard.py`) exchange what they need. `check_vma=False`: the
+    collectives are written out, and the cell's jaxpr (`_closure.py`) was traced
+    outside `shard_map`, without varying-axes annotations. JAX's transpose of such
+    a `shard_map` sums the cotangents of the replicated arguments (the cell's
+    parameters, `s_0`) over the shards, which is the gradient's sum over time.
+    """
 
     mesh: Mesh = eqx.field(static=True)
     axis: str = eqx.field(static=True)
@@ -51,133 +54,52 @@ class _Layout(eqx.Module):
     def per_sequence(self) -> P:  # leaves with a leading batch axis, if any
         return P(self.batch) if self.batch is not None else P()
 
+    def run(self, fn: Callable, problem: Problem, args: tuple, out_specs, shared: PyTree = None):
+        """`fn(problem, *args, shared)` per sequence, per shard: `args` are trajectories,
+        `shared` (arrays or not) is the same for every sequence and shard."""
+        fn_dyn, fn_static = eqx.partition(problem.fn, eqx.is_array)
+        shared_dyn, shared_static = eqx.partition(shared, eqx.is_array)
 
-class _Unchecked(eqx.Module):
-    """A closure-converted function, called without Equinox's argument check.
+        def body(fn_dyn, shared_dyn, inputs, init, *args):
+            cell = eqx.combine(fn_dyn, fn_static)
+            shared = eqx.combine(shared_dyn, shared_static)
 
-    Inside `shard_map` the arguments' avals carry the manual mesh in their
-    sharding, so `eqx.filter_closure_convert`'s comparison with the example
-    arguments (traced outside) fails although shapes and dtypes agree. The
-    jaxpr is evaluated as Equinox does, after the same shape and dtype check.
-    """
+            def one(inputs, init, *args):
+                with sharded_over(self.axis, self.batch):
+                    return fn(Problem(cell, inputs, init), *args, shared)
 
-    converted: Any  # an Equinox closure-converted function
+            return self.map(one, inputs, init, *args)
 
-    def __call__(self, *args):
-        conv = self.converted
-        if not hasattr(conv, "jaxpr"):  # nothing was closed over
-            return conv.fn(*args)
-        dynamic, static = eqx.partition(args, eqx.is_array)
-        leaves = jax.tree_util.tree_leaves(dynamic)
-        expected = jax.tree_util.tree_leaves(
-            jax.tree_util.tree_unflatten(*conv.in_dynamic_struct[::-1])
+        seq = self.sequence
+        in_specs = (P(), P(), _specs(problem.inputs, seq), self.per_sequence, *(seq for _ in args))
+        run = jax.shard_map(
+            body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
         )
-        if [(x.shape, x.dtype) for x in leaves] != [(e.shape, e.dtype) for e in expected]:
-            raise ValueError("the cell was called with arguments unlike its example arguments")
-        out = jax.core.eval_jaxpr(conv.jaxpr, conv.consts, *leaves)  # pyright: ignore[reportAttributeAccessIssue]
-        out_struct = jax.tree_util.tree_unflatten(*conv.out_dynamic_struct[::-1])
-        out = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_struct), out)
-        return eqx.combine(out, jax.tree_util.tree_unflatten(*conv.out_static[::-1]))
+        return run(fn_dyn, shared_dyn, problem.inputs, problem.init, *args)
 
+    def trajectory(self, fn, problem, *trajectories):
+        fn_ = lambda problem, *args: fn(problem, *args[:-1])
+        return self.run(fn_, problem, trajectories, self.sequence)
 
-def _local(fn: FlatCell) -> FlatCell:
-    wrap = lambda f: None if f is None else _Unchecked(f)
-    return FlatCell(
-        wrap(fn.cell),  # pyright: ignore[reportArgumentType]
-        wrap(fn.diag),
-        fn.spec,
-        wrap(fn.value_and_diag),
-        wrap(fn.value_and_jac),  # pyright: ignore[reportArgumentType]
-        blocks=wrap(fn.blocks),
-        gated=wrap(fn.gated),
-        forward_mode=fn.forward_mode,
-    )
+    def solve(self, fn, problem, *trajectories):
+        fn_ = lambda problem, *args: fn(problem, *args[:-1])
+        return self.run(fn_, problem, trajectories, self.outcome_specs(False))
 
+    def check(self, out):
+        return _check(out.states, out.converged, _ADJOINT_NOT_CONVERGED)
 
-def _unlocal(fn: FlatCell) -> FlatCell:
-    """`_local` undone, on a cotangent of the flat cell."""
-    unwrap = lambda f: None if f is None else f.converted
-    return FlatCell(
-        unwrap(fn.cell),  # pyright: ignore[reportArgumentType]
-        unwrap(fn.diag),
-        fn.spec,
-        unwrap(fn.value_and_diag),
-        unwrap(fn.value_and_jac),
-        blocks=unwrap(fn.blocks),
-        gated=unwrap(fn.gated),
-        forward_mode=fn.forward_mode,
-    )
-
-
-def _split(problem: Problem):
-    fn_dyn, fn_static = eqx.partition(problem.fn, eqx.is_array)
-    return fn_dyn, fn_static
+    def outcome_specs(self, trace: bool) -> Any:
+        seq, per = self.sequence, self.per_sequence
+        return Outcome(seq, per, per, per, per if trace else None, per)  # type: ignore[arg-type]
 
 
 def _forward(problem, guess, solver, rtol, atol, max_steps, trace, layout: _Layout) -> Outcome:
-    fn_dyn, fn_static = _split(problem)
-    solver_dyn, solver_static = eqx.partition(solver, eqx.is_array)
+    def one(problem, guess, solver):
+        return iterate(
+            problem, solver, guess, rtol=rtol, atol=atol, max_steps=max_steps, trace=trace
+        )
 
-    def body(fn_dyn, inputs, init, guess, solver_dyn):
-        fn = _local(eqx.combine(fn_dyn, fn_static))
-        solver_ = eqx.combine(solver_dyn, solver_static)
-
-        def one(inputs, init, guess):
-            with sharded_over(layout.axis, layout.batch):
-                return iterate(
-                    Problem(fn, inputs, init),
-                    solver_,
-                    guess,
-                    rtol=rtol,
-                    atol=atol,
-                    max_steps=max_steps,
-                    trace=trace,
-                )
-
-        return layout.map(one, inputs, init, guess)
-
-    seq, per = layout.sequence, layout.per_sequence
-    out_specs: Any = Outcome(seq, per, per, per, per if trace else None, per)  # type: ignore[arg-type]
-    in_specs = (P(), _specs(problem.inputs, seq), per, seq, P())
-    run = jax.shard_map(
-        body, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-    )
-    return run(fn_dyn, problem.inputs, problem.init, guess, solver_dyn)
-
-
-def _backward(problem, states, cotangent, solver, rtol, atol, layout: _Layout):
-    fn_dyn, fn_static = _split(problem)
-    solver_dyn, solver_static = eqx.partition(solver, eqx.is_array)
-
-    def body(fn_dyn, inputs, init, states, cotangent, solver_dyn):
-        fn = _local(eqx.combine(fn_dyn, fn_static))
-        solver_ = eqx.combine(solver_dyn, solver_static)
-
-        def one(inputs, init, states, cotangent):
-            with sharded_over(layout.axis, layout.batch):
-                local = Problem(fn, inputs, init)
-                adj = adjoint(local, states, cotangent, solver_, rtol=rtol, atol=atol)
-                fn_bar, inputs_bar, init_bar = parameter_cotangents(local, states, adj.states)
-            fn_bar = _unlocal(fn_bar)
-            return fn_bar, inputs_bar, init_bar, adj.converged
-
-        fn_bar, inputs_bar, init_bar, converged = layout.map(one, inputs, init, states, cotangent)
-        if layout.batch is not None:
-            fn_bar = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), fn_bar)
-        # The parameters are replicated over the mesh and `s_0` over the time axis:
-        # their cotangents are the sums of every shard's contribution.
-        every = (layout.axis,) if layout.batch is None else (layout.axis, layout.batch)
-        fn_bar = jax.tree_util.tree_map(lambda g: lax.psum(g, every), fn_bar)
-        init_bar = lax.psum(init_bar, layout.axis)
-        return fn_bar, inputs_bar, init_bar, converged
-
-    seq, per = layout.sequence, layout.per_sequence
-    in_specs = (P(), _specs(problem.inputs, seq), per, seq, seq, P())
-    out_specs = (P(), _specs(problem.inputs, seq), per, per)
-    run = jax.shard_map(
-        body, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-    )
-    return run(fn_dyn, problem.inputs, problem.init, states, cotangent, solver_dyn)
+    return layout.run(one, problem, (guess,), layout.outcome_specs(trace), shared=solver)
 
 
 _NOT_CONVERGED = (
@@ -185,38 +107,9 @@ _NOT_CONVERGED = (
     "atol + rtol*|s_t| somewhere (see `Solution.result` with throw=False for the reason)."
 )
 _ADJOINT_NOT_CONVERGED = (
-    "the adjoint (backward) solve of solve_sharded did not converge; the gradient is not "
-    "reliable. Check the cotangents and parameters for NaN/inf."
+    "the derivative (tangent or adjoint solve) of solve_sharded did not converge; the "
+    "gradient is not reliable. Check the cotangents and parameters for NaN/inf."
 )
-
-
-@eqx.filter_custom_vjp
-def _solve(problem: Problem, guess, solver, rtol, atol, max_steps, trace, throw, layout):
-    del throw
-    return _forward(problem, guess, solver, rtol, atol, max_steps, trace, layout)
-
-
-@_solve.def_fwd
-def _solve_fwd(perturbed, problem, guess, solver, rtol, atol, max_steps, trace, throw, layout):
-    del perturbed
-    out = _solve.fn(problem, guess, solver, rtol, atol, max_steps, trace, throw, layout)
-    return out, out.states
-
-
-@_solve.def_bwd
-def _solve_bwd(
-    states, grad_obj, perturbed, problem, guess, solver, rtol, atol, max_steps, trace, throw, layout
-):
-    del perturbed, guess, max_steps, trace
-    cotangent = grad_obj.states
-    if cotangent is None:
-        return jax.tree_util.tree_map(lambda _: None, problem)
-    fn_bar, inputs_bar, init_bar, converged = _backward(
-        problem, states, cotangent, solver, rtol, atol, layout
-    )
-    if throw:
-        inputs_bar = _check(inputs_bar, converged, _ADJOINT_NOT_CONVERGED)
-    return Problem(fn_bar, inputs_bar, init_bar)
 
 
 def _check(tree: PyTree, converged, message: str) -> PyTree:
@@ -283,8 +176,8 @@ def solve_sharded(
 
     Place large inputs with `jax.device_put(x, NamedSharding(mesh, P(batch_axis,
     axis_name)))` before the call, so that no device ever holds the whole sequence.
-    Reverse-mode differentiable like `solve_parallel`; the adjoint recurrence runs
-    over the same shards.
+    Differentiable like `solve_parallel` (reverse and forward mode, by the same
+    implicit rule); the tangent and adjoint recurrences run over the same shards.
     """
     # The registry is read here, outside the jit: the closed forms registered for
     # the cell's class are a static argument, so a new registration recompiles.
@@ -376,12 +269,21 @@ def _solve_sharded(
     else:
         check_guess(per_sequence(guess), init_one, T)
         guess_flat = ravel_trajectory(guess)
-    guess_flat = jax.lax.stop_gradient(guess_flat)
+    # As in `solve_parallel`: a non-finite entry of the guess (or of `init_state`,
+    # which the default guess repeats) would come back unchanged wherever the solve
+    # stops early.
+    fallback = jnp.where(jnp.isfinite(s0), s0, 0)[..., None, :]
+    guess_flat = jax.lax.stop_gradient(jnp.where(jnp.isfinite(guess_flat), guess_flat, fallback))
 
     layout = _Layout(mesh, axis_name, batch_axis)
     problem = Problem(flat_cell(cell, x_0, init_one, spec, registered), inputs, s0)
-    out = _solve(problem, guess_flat, solver, rtol, atol, max_steps, trace, throw, layout)
-    states = out.states
+    out = _forward(no_gradient(problem), guess_flat, solver, rtol, atol, max_steps, trace, layout)
+    if problem.fn.forward_mode:
+        states = implicit(
+            problem, out.states, solver=solver, rtol=rtol, atol=atol, throw=throw, layout=layout
+        )
+    else:  # a cell holding a jax.custom_vjp function: reverse mode only
+        states = implicit_reverse(problem, out.states, solver, rtol, atol, throw, layout)
     if throw:
         states = _check(states, out.converged, _NOT_CONVERGED)
     return Solution(

@@ -27,6 +27,7 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
+from ._closure import closure_convert
 from ._gated import blocks_to_diagonal as blocks_to_diagonal
 from ._problem import FlatCell, StateSpec
 from ._validate import check_closed_form
@@ -192,9 +193,9 @@ def flat_cell(
     `registered` is `registered_rule(cell)`, looked up by the caller outside its
     `jit` so that the compiled solve depends on it."""
     # Closure conversion turns whatever the cell closes over (parameters, tracers
-    # of an outer jax.grad) into pytree leaves, so the custom VJP can return
+    # of an outer jax.grad) into pytree leaves, so the custom JVP can return
     # their cotangents; plain closures would otherwise fail under differentiation.
-    convert = lambda f: eqx.filter_closure_convert(f, x_t, init_state)  # noqa: E731
+    convert = lambda f: closure_convert(f, x_t, init_state)  # noqa: E731
     rule = jacobian_rule(cell, registered)
     bound = {}
     for kind in _METHODS:

@@ -60,13 +60,18 @@ def max_diff(a, b) -> float:
     return float(max(leaves))
 
 
+def flat(states):
+    """A trajectory pytree (an LSTM's `(h, c)`) as one `(..., T, D)` array."""
+    return jnp.concatenate(jax.tree_util.tree_leaves(states), axis=-1)
+
+
 def value_and_grad(solve):
     """One compiled function: trajectory, iteration count and gradient of a weighted sum."""
 
     def loss(args, weights):
         cell, xs, s0 = args
         sol = solve(cell, xs, s0)
-        return jnp.sum(sol.states * weights), (sol.states, sol.num_steps)
+        return jnp.sum(flat(sol.states) * weights), (sol.states, sol.num_steps)
 
     return eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
 
@@ -76,9 +81,21 @@ def forward(solve):
 
     def run(args, weights):
         sol = solve(*args)
-        return (jnp.sum(sol.states * weights), (sol.states, sol.num_steps)), None
+        return (jnp.sum(flat(sol.states) * weights), (sol.states, sol.num_steps)), None
 
     return eqx.filter_jit(run)
+
+
+def make_lstm(T_=T):
+    """`eqx.nn.LSTMCell` (tuple state, closed-form gated Jacobian), hidden size 2: D = 4."""
+    k = jax.random.split(jax.random.key(1), 4)
+    cell = eqx.nn.LSTMCell(N_IN, 2, key=k[0], dtype=jnp.float64)
+    # Scaled up so that the solves take several iterations.
+    cell = eqx.tree_at(lambda c: c.weight_hh, cell, 3 * cell.weight_hh)
+    xs = jax.random.normal(k[1], (T_, N_IN), jnp.float64)
+    s0 = (0.3 * jax.random.normal(k[2], (2,)), jnp.zeros((2,)))
+    weights = jax.random.normal(k[3], (T_, 4), jnp.float64)
+    return cell, xs, s0, weights
 
 
 def mesh_of(n, names=("t",), shape=None):
@@ -177,6 +194,58 @@ def main() -> None:
         max_diff(out, ref) <= TOL and spread == 8,
         f"|Δs|={max_diff(out, ref):.1e}, output on {spread} devices",
     )
+
+    # An LSTM (tuple state, closed-form gated Jacobian) on time-sharded inputs:
+    # DEER with gradients, and BlockQuasiDEER's block recurrence composed over the
+    # shards (the same iterates, so the same iteration count).
+    lstm, xs_l, s0_l, w_l = make_lstm()
+    mesh = mesh_of(8)
+    xs_ls = jax.device_put(xs_l, NamedSharding(mesh, P("t")))
+    for name, solver, compiled in (
+        ("DEER", prnn.DEER(), value_and_grad),
+        ("BlockQuasiDEER", prnn.BlockQuasiDEER(), forward),
+    ):
+        run = compiled(
+            lambda c, x, s: prnn.solve_sharded(c, x, s, solver, mesh=mesh, axis_name="t")
+        )
+        ref = compiled(lambda c, x, s: prnn.solve_parallel(c, x, s, solver))
+        (_, (states, steps)), g = run((lstm, xs_ls, s0_l), w_l)
+        (_, (states_ref, n_ref)), g_ref = ref((lstm, xs_l, s0_l), w_l)
+        ds = max_diff(states, states_ref)
+        dg = 0.0 if g is None else max_diff(g, g_ref)
+        detail = f"|Δs|={ds:.1e} |Δgrad|={dg:.1e} steps {int(steps)} vs {int(n_ref)}"
+        record(f"lstm/{name}/P=8/states", ds <= TOL, detail)
+        record(f"lstm/{name}/P=8/iterations", int(steps) == int(n_ref) > 2, detail)
+        if g is not None:
+            record(f"lstm/{name}/P=8/gradients", dg <= TOL, detail)
+
+    # Forward mode: jax.jvp through solve_sharded against jax.jvp through lax.scan,
+    # in the cell's parameters, the inputs and s_0 at once.
+    mesh = mesh_of(4)
+    tangents = jax.tree_util.tree_map(
+        lambda x: jax.random.normal(jax.random.key(7), x.shape, x.dtype), (cell, xs, s0)
+    )
+
+    @eqx.filter_jit
+    def jvp_of(solve, primals, tangents):
+        return jax.jvp(lambda c, x, s: solve(c, x, s), primals, tangents)[1]
+
+    sharded = lambda c, x, s: (
+        prnn.solve_sharded(c, x, s, prnn.QuasiDEER(), mesh=mesh, axis_name="t").states
+    )
+    d_sharded = jvp_of(sharded, (cell, xs, s0), tangents)
+    d_scan = jvp_of(prnn.solve_sequential, (cell, xs, s0), tangents)
+    d = max_diff(d_sharded, d_scan)
+    record("jvp/QuasiDEER/P=4", d <= 1e-8, f"|Δ tangent| vs lax.scan = {d:.1e}")
+
+    # A guess with NaN and inf rows: replaced as in solve_parallel, finite states.
+    guess = jnp.broadcast_to(s0, (T, D)).at[3].set(jnp.nan).at[T - 2].set(jnp.inf)
+    kw = dict(guess=guess, max_steps=2, throw=False)  # stopped early: the guess shows
+    sol = prnn.solve_sharded(cell, xs, s0, prnn.QuasiDEER(), mesh=mesh, axis_name="t", **kw)
+    ref = prnn.solve_parallel(cell, xs, s0, prnn.QuasiDEER(), **kw)
+    d = max_diff(sol.states, ref.states)
+    finite = bool(jnp.all(jnp.isfinite(sol.states)))
+    record("nonfinite-guess/P=4", finite and d <= TOL, f"finite={finite} |Δs|={d:.1e}")
 
     # float32: the same iterates up to float32 round-off.
     cell32, xs32, s032, _ = make_problem(jnp.float32)

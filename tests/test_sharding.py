@@ -71,6 +71,31 @@ def test_sharded_scan_orders_and_adaptive_smoother_equal_unsharded(report, varia
         assert passed, (quantity, detail)
 
 
+@pytest.mark.parametrize(
+    "solver, quantities",
+    (
+        ("DEER", ("states", "iterations", "gradients")),
+        ("BlockQuasiDEER", ("states", "iterations")),
+    ),
+)
+def test_lstm_tuple_state_on_time_sharded_inputs_equals_unsharded(report, solver, quantities):
+    # DEER: the closed-form gated Jacobian evaluated inside shard_map; BlockQuasiDEER:
+    # its block recurrence composed over the shards (the same iteration count).
+    for quantity in quantities:
+        passed, detail = report[f"lstm/{solver}/P=8/{quantity}"]
+        assert passed, (quantity, detail)
+
+
+def test_forward_mode_through_sharded_solve_matches_jvp_through_scan(report):
+    passed, detail = report["jvp/QuasiDEER/P=4"]
+    assert passed, detail
+
+
+def test_sharded_solve_replaces_nonfinite_guess_like_solve_parallel(report):
+    passed, detail = report["nonfinite-guess/P=4"]
+    assert passed, detail
+
+
 def test_time_axis_not_divisible_by_devices_raises_clear_error(report):
     passed, detail = report["indivisible-T/error"]
     assert passed, detail

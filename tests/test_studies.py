@@ -62,6 +62,13 @@ def test_other_study_smoke(name, tmp_path):
     _run(name, tmp_path)
 
 
+def test_soak_smoke_compiles_every_case_without_error(tmp_path):
+    rows, _ = _run("soak", tmp_path)
+    assert all(r["status"] == "ok" for r in rows), rows
+    # float64, default tolerance 1e-10: states and gradients against lax.scan's
+    assert all(r["max_abs_err"] <= 1e-8 * max(1.0, r["ref_scale"]) for r in rows), rows
+
+
 def test_bench_diagonal_smoke_writes_tables_and_plot(tmp_path):
     _run("bench_diagonal", tmp_path)
 
