@@ -26,6 +26,7 @@ from jaxtyping import Array, Float
 
 from ._problem import Problem
 from ._scan import linear_recurrence
+from ._shard import time_max
 from ._solver.base import AbstractSolver, Iterate, _explosion_bound
 
 
@@ -107,6 +108,10 @@ def polish_states(
     out_status = _select(accept2, second_status, best_status)
     estimate = jnp.where(usable, size, jnp.inf).astype(states.dtype)
     return out_states, out_status, estimate
+
+
+def _nan_to_inf(x: Array) -> Array:
+    return jnp.where(jnp.isnan(x), jnp.inf, x)
 
 
 def _select(pred: Array, a, b):

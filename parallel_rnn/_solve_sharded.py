@@ -88,18 +88,29 @@ class _Layout(Layout):
     def check(self, out):
         return _check(out.states, out.converged, _ADJOINT_NOT_CONVERGED)
 
-    def outcome_specs(self, trace: bool) -> Any:
+    def outcome_specs(self, trace: bool, polish: bool = False) -> Any:
         seq, per = self.sequence, self.per_sequence
-        return Outcome(seq, per, per, per, per if trace else None, per)  # type: ignore[arg-type]
+        estimate = per if polish else None
+        return Outcome(seq, per, per, per, per if trace else None, per, estimate)  # type: ignore[arg-type]
 
 
-def _forward(problem, guess, solver, rtol, atol, max_steps, trace, layout: _Layout) -> Outcome:
+def _forward(
+    problem, guess, solver, rtol, atol, max_steps, trace, polish, layout: _Layout
+) -> Outcome:
     def one(problem, guess, solver):
         return iterate(
-            problem, solver, guess, rtol=rtol, atol=atol, max_steps=max_steps, trace=trace
+            problem,
+            solver,
+            guess,
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+            trace=trace,
+            polish=polish,
         )
 
-    return layout.run(one, problem, (guess,), layout.outcome_specs(trace), shared=solver)
+    specs = layout.outcome_specs(trace, polish)
+    return layout.run(one, problem, (guess,), specs, shared=solver)
 
 
 _NOT_CONVERGED = (
@@ -153,6 +164,7 @@ def solve_sharded(
     max_steps: int | None = None,
     throw: bool = True,
     trace: bool = False,
+    polish: bool = True,
 ) -> Solution:
     """`solve_parallel` with the time axis split over the mesh axis `axis_name`.
 
@@ -163,7 +175,8 @@ def solve_sharded(
     `docs/scaling.md`). The iterates, the iteration count and the gradients are
     those of `solve_parallel` up to round-off.
 
-    **Arguments:** as `solve_parallel`, plus
+    **Arguments:** as `solve_parallel` (without the bounded mode, whose sequential
+    finish would leave all shards but one idle, and without `MultipleShooting`), plus
 
     - `mesh`: a `jax.sharding.Mesh` (one host or many, after
       `jax.distributed.initialize`).
@@ -195,6 +208,7 @@ def solve_sharded(
         max_steps=max_steps,
         throw=throw,
         trace=trace,
+        polish=bool(polish),
         registered=registered_rule(cell),
     )
 
@@ -215,6 +229,7 @@ def _solve_sharded(
     max_steps: int | None,
     throw: bool,
     trace: bool,
+    polish: bool,
     registered: JacobianRule | None,
 ) -> Solution:
     if not isinstance(solver, AbstractSolver):
@@ -277,7 +292,9 @@ def _solve_sharded(
 
     layout = _Layout(mesh, axis_name, batch_axis)
     problem = Problem(flat_cell(cell, x_0, init_one, spec, registered), inputs, s0)
-    out = _forward(no_gradient(problem), guess_flat, solver, rtol, atol, max_steps, trace, layout)
+    out = _forward(
+        no_gradient(problem), guess_flat, solver, rtol, atol, max_steps, trace, polish, layout
+    )
     if problem.fn.forward_mode:
         states = implicit(
             problem, out.states, solver=solver, rtol=rtol, atol=atol, throw=throw, layout=layout
@@ -293,4 +310,5 @@ def _solve_sharded(
         out.residual,
         out.trace,
         out.result,
+        out.error_estimate,
     )
