@@ -78,9 +78,12 @@ def polish_states(
 
     def newton(s, f):
         delta = correction(problem, solver, s, f, rtol, atol)
-        size = jnp.max(jnp.abs(delta))
+        # Over the whole trajectory when it is sequence-sharded: every shard must
+        # take the same branch of the `lax.cond` below (it holds collectives).
+        size = time_max(_nan_to_inf(jnp.max(jnp.abs(delta))))
         candidate = s + jnp.where(jnp.isfinite(size), delta, 0)
-        usable = jnp.isfinite(size) & jnp.all(jnp.abs(candidate) <= _explosion_bound(states.dtype))
+        largest = time_max(_nan_to_inf(jnp.max(jnp.abs(candidate))))
+        usable = jnp.isfinite(size) & (largest <= _explosion_bound(states.dtype))
         cand_fs = evaluate(candidate)
         return candidate, cand_fs, assess(Iterate(candidate, cand_fs, None)), usable, size
 
