@@ -93,8 +93,8 @@ def iterate(
     T = guess.shape[0]
     if switch_cost is not None and not may_start(switch_cost, T):
         # Not even the first linearisation and one iteration (2c) can pay: the
-        # sequential scan. Its states
-        # are exact up to round-off, so there is nothing to polish (estimate 0).
+        # sequential scan. Its states are exact up to round-off, so there is
+        # nothing to polish (estimate 0).
         states = scan_sequentially(problem)
         zero = jnp.array(0, jnp.int32)
         history = jnp.full((max_steps,), jnp.nan, guess.dtype) if trace else None
