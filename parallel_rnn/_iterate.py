@@ -187,6 +187,9 @@ def _certified(
             evaluate,
             rtol,
             atol,
+            # Only a solve that stopped because it met the tolerance (by the solver's
+            # own values) or was finished sequentially; not one capped by max_steps.
+            final.converged | (True if loop is None else loop.converged),
         )
     if loop is None or sequential is not None:
         # A sequential finish makes the loop's own status moot: the states are exact

@@ -67,8 +67,13 @@ def polish_states(
     evaluate: Callable,
     rtol: float,
     atol: float,
+    may_apply: Array,
 ):
     """`(states, status, error_estimate)`: polished where that keeps the certificate.
+
+    `may_apply` is False when the solve stopped short (at `max_steps`, or with no
+    progress possible): the estimate is still reported, but the states stay where
+    the iterations left them, so a capped solve is reported as capped.
 
     When the answer is far off (a damped solver stopped at the tolerance on a long
     marginal trajectory), the first step's second-order term can leave the residual
@@ -91,7 +96,7 @@ def polish_states(
         return jnp.where(status.converged, new.converged, new.residual < status.residual)
 
     first, first_fs, first_status, usable, size = newton(states, fs)
-    accept = usable & better(first_status)
+    accept = may_apply & usable & better(first_status)
     best_status = _select(accept, first_status, status)
 
     def again(_):
@@ -106,7 +111,9 @@ def polish_states(
     def skip(_):
         return first, first_status, jnp.zeros((), bool)
 
-    second, second_status, accept2 = lax.cond(usable & ~first_status.converged, again, skip, None)
+    second, second_status, accept2 = lax.cond(
+        may_apply & usable & ~first_status.converged, again, skip, None
+    )
     out_states = jnp.where(accept2, second, jnp.where(accept, first, states))
     out_status = _select(accept2, second_status, best_status)
     estimate = jnp.where(usable, size, jnp.inf).astype(states.dtype)

@@ -84,8 +84,10 @@ def solve_parallel(
     - `polish`: after the iterations, take one exact Newton correction `δ` at the
       final states: `max|δ|` is reported as `Solution.error_estimate` (a first-order
       estimate of the distance to the exact trajectory), and the corrected states are
-      returned when their certified residual allows (docs/accuracy.md). Costs about
-      one iteration of `DEER`. Default True.
+      returned when their certified residual allows (docs/accuracy.md); not after a
+      solve stopped by `max_steps`, which stays reported as such. Costs about one
+      iteration of `DEER` (a second Newton step when the first leaves the residual
+      just above the tolerance); not counted in `num_steps`. Default True.
     - `bounded`: the bounded mode (docs/when-parallel-pays.md). `False` (default):
       iterate until converged or `max_steps`. `True`: run parallel iterations only
       while, by the cost model of this backend, they can still beat finishing
