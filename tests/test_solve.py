@@ -102,7 +102,8 @@ def test_deer_trace_decreases_and_is_nan_after_the_stop():
     steps = sol.trace[:n]
     assert bool(jnp.all(jnp.isfinite(steps))) and bool(jnp.all(jnp.isnan(sol.trace[n:])))
     assert bool(jnp.all(steps[1:] < steps[:-1]))
-    assert float(steps[-1]) == pytest.approx(float(sol.residual))
+    # The trace is the loop's; the polish after it may only lower the residual.
+    assert float(sol.residual) <= float(steps[-1]) * (1 + 1e-6)
     assert prnn.solve_parallel(cell, xs, s0, prnn.DEER()).trace is None
 
 
