@@ -102,8 +102,9 @@ def test_deer_trace_decreases_and_is_nan_after_the_stop():
     steps = sol.trace[:n]
     assert bool(jnp.all(jnp.isfinite(steps))) and bool(jnp.all(jnp.isnan(sol.trace[n:])))
     assert bool(jnp.all(steps[1:] < steps[:-1]))
-    # The trace is the loop's; the polish after it may only lower the residual.
-    assert float(sol.residual) <= float(steps[-1]) * (1 + 1e-6)
+    # The trace is the loop's; the polish after it changes the states (and the
+    # certified residual) only while the solve stays converged.
+    assert bool(sol.converged) and float(steps[-1]) < 1e-9
     assert prnn.solve_parallel(cell, xs, s0, prnn.DEER()).trace is None
 
 
