@@ -56,14 +56,3 @@ def finish_sequentially(
     t = jnp.arange(T, dtype=frontier.dtype)
     _, out = lax.scan(step, problem.init, (t, problem.inputs, states))
     return jax.lax.stop_gradient(out)
-
-
-def scan_sequentially(problem: Problem) -> Float[Array, "T D"]:
-    """The whole trajectory by `lax.scan` (the bounded mode when no iteration pays)."""
-
-    def step(prev, x):
-        new = problem.fn(x, prev)
-        return new, new
-
-    _, out = lax.scan(step, problem.init, problem.inputs)
-    return jax.lax.stop_gradient(out)

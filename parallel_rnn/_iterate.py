@@ -6,9 +6,10 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from ._bounded import finish_sequentially, keep_iterating, may_start, scan_sequentially
+from ._bounded import finish_sequentially, keep_iterating, may_start
 from ._polish import polish_states
 from ._problem import Problem
+from ._sequential import solve_sequential
 from ._shard import globalise_status, lockstep
 from ._solution import RESULTS
 from ._solver.base import AbstractSolver, Iterate
@@ -95,7 +96,7 @@ def iterate(
         # Not even the first linearisation and one iteration (2c) can pay: the
         # sequential scan. Its states are exact up to round-off, so there is
         # nothing to polish (estimate 0).
-        states = scan_sequentially(problem)
+        states = solve_sequential(problem.fn, problem.inputs, problem.init)
         zero = jnp.array(0, jnp.int32)
         history = jnp.full((max_steps,), jnp.nan, guess.dtype) if trace else None
         out = _certified(

@@ -26,8 +26,7 @@ from jaxtyping import Array, Float
 
 from ._problem import Problem
 from ._scan import linear_recurrence
-from ._shard import time_max
-from ._solver.base import AbstractSolver, Iterate, _explosion_bound
+from ._solver.base import AbstractSolver, Iterate, _explosion_bound, max_abs
 
 
 def _cheap_exact_jacobian(problem: Problem) -> bool:
@@ -85,9 +84,9 @@ def polish_states(
         delta = correction(problem, solver, s, f, rtol, atol)
         # Over the whole trajectory when it is sequence-sharded: every shard must
         # take the same branch of the `lax.cond` below (it holds collectives).
-        size = time_max(_nan_to_inf(jnp.max(jnp.abs(delta))))
+        size = max_abs(delta)
         candidate = s + jnp.where(jnp.isfinite(size), delta, 0)
-        largest = time_max(_nan_to_inf(jnp.max(jnp.abs(candidate))))
+        largest = max_abs(candidate)
         usable = jnp.isfinite(size) & (largest <= _explosion_bound(states.dtype))
         cand_fs = evaluate(candidate)
         return candidate, cand_fs, assess(Iterate(candidate, cand_fs, None)), usable, size
@@ -118,10 +117,6 @@ def polish_states(
     out_status = _select(accept2, second_status, best_status)
     estimate = jnp.where(usable, size, jnp.inf).astype(states.dtype)
     return out_states, out_status, estimate
-
-
-def _nan_to_inf(x: Array) -> Array:
-    return jnp.where(jnp.isnan(x), jnp.inf, x)
 
 
 def _select(pred: Array, a, b):

@@ -99,10 +99,15 @@ def safeguard(
     return jnp.where(t == frontier, exact, out)
 
 
+def max_abs(x: Float[Array, "T D"]) -> Float[Array, ""]:
+    """`max |x|` over the whole (possibly sharded) trajectory; `inf` if not finite."""
+    r = jnp.abs(x)
+    return time_max(jnp.max(jnp.where(jnp.isfinite(r), r, jnp.inf)))
+
+
 def max_residual(states: Float[Array, "T D"], fs: Float[Array, "T D"]) -> Float[Array, ""]:
     """`max_t |s_t - f_t|` over the whole (possibly sharded) trajectory; `inf` if not finite."""
-    r = jnp.abs(states - fs)
-    return time_max(jnp.max(jnp.where(jnp.isfinite(r), r, jnp.inf)))
+    return max_abs(states - fs)
 
 
 class AbstractLinearisedSolver(AbstractSolver):

@@ -121,6 +121,12 @@ class MultipleShooting(AbstractSolver):
     def chunk_length(self, T: int) -> int:
         return min(T, default_chunk(T) if self.chunk is None else self.chunk)
 
+    def chunks(self, T: int) -> tuple[int, int]:
+        """`(L, P)`: the chunk length and the number of chunks (the last one padded);
+        `P` is also the most iterations a solve can need."""
+        L = self.chunk_length(T)
+        return L, -(-T // L)
+
     def _coarse(self, problem: Problem, L: int, P: int) -> Problem:
         chunk_map = _ChunkMap(problem.fn, _step_diagonal(problem))
         flat = FlatCell(
@@ -138,8 +144,7 @@ class MultipleShooting(AbstractSolver):
                 "use it with solve_parallel"
             )
         T = states.shape[0]
-        L = self.chunk_length(T)
-        P = -(-T // L)
+        L, P = self.chunks(T)
         coarse = self._coarse(problem, L, P)
         # The coarse states are the chunks' end states: rows L-1, 2L-1, ... (the
         # last chunk's end lies in the padding: take the last row for it).
@@ -151,8 +156,7 @@ class MultipleShooting(AbstractSolver):
 
     def step(self, problem, iterate, state, frontier):
         T = iterate.states.shape[0]
-        L = self.chunk_length(T)
-        P = -(-T // L)
+        L, P = self.chunks(T)
         inner = iterate.jac
         # The fine frontier sits at the start of the first chunk whose entry (the
         # previous chunk's coarse state) is off: that coarse state's index.
