@@ -95,8 +95,7 @@ def _prefix(tree: PyTree, n: int) -> PyTree:
 
 def _bound(solver: AbstractSolver, T: int) -> int:
     if isinstance(solver, MultipleShooting):
-        L = solver.chunk_length(T)
-        return max(-(-T // L) - 1, 0)
+        return solver.chunks(T)[1]
     return T
 
 
