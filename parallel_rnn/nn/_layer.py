@@ -233,8 +233,7 @@ class RNN(eqx.Module):
             readout = jax.vmap(readout)
         outputs = readout(states)
         if lengths is not None:
-            valid = jnp.arange(T) < (lengths[:, None] if batched else lengths)
-            outputs = jnp.where(valid[..., None], outputs, jnp.zeros_like(outputs))
+            outputs = zero_padding(outputs, lengths)
         return outputs
 
 
@@ -251,6 +250,13 @@ def _fallback(cell, xs, s0, states, converged, batched):
         return jtu.tree_map(keep, exact_states, states)
 
     return jax.lax.cond(jnp.all(converged), lambda s: s, exact, states)
+
+
+def zero_padding(y: Float[Array, "*B T N"], lengths: Int[Array, "*B"]) -> Array:
+    """`y` with the steps at and past each sequence's length set to zero."""
+    t = jnp.arange(y.shape[-2])
+    valid = t[None, :] < lengths[:, None] if lengths.ndim else t < lengths
+    return jnp.where(valid[..., None], y, jnp.zeros_like(y))
 
 
 def _expand(flag, like):
