@@ -70,16 +70,20 @@ def zero_state(cell: Callable, x_t: Array) -> PyTree:
             "`hidden_size` or `state_size`): pass `init_state=`"
         )
     z = jax.ShapeDtypeStruct((n,), x_t.dtype)
+    errors = []
     for candidate in (z, (z, z)):
         try:
             out = eqx.filter_eval_shape(cell, x_t, candidate)
-        except Exception:
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
             continue
         if jtu.tree_structure(out) == jtu.tree_structure(candidate):
             return jtu.tree_map(lambda o: jnp.zeros(o.shape, o.dtype), out)
     raise TypeError(
-        f"cannot tell the state shape of {type(cell).__name__}: neither a ({n},) array "
-        "nor a pair of them is accepted and returned by it; pass `init_state=`"
+        f"cannot tell the state shape of {type(cell).__name__} from input_t of shape "
+        f"{x_t.shape}: neither a ({n},) array nor a pair of them is accepted and "
+        "returned by it (pass `init_state=` if the state is something else, or check "
+        f"the inputs' last axis). Errors: {' | '.join(e[:300] for e in errors)}"
     )
 
 
