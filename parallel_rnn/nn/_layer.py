@@ -90,7 +90,7 @@ def zero_state(cell: Callable, x_t: Array) -> PyTree:
 def reverse_index(T: int, length) -> Int[Array, " T"]:
     """The permutation reversing the first `length` steps of `T` and fixing the
     padding after them (its own inverse)."""
-    t = jnp.arange(T)
+    t = jnp.arange(T, dtype=jnp.asarray(length).dtype)
     return jnp.where(t < length, length - 1 - t, t)
 
 
@@ -217,7 +217,7 @@ class RNN(eqx.Module):
         if length is None:
             cell, xs = self.cell, x
         else:
-            cell, xs = masked(self.cell), (x, jnp.arange(x.shape[0]) < length)
+            cell, xs = masked(self.cell), (x, jnp.arange(x.shape[0], dtype=length.dtype) < length)
         sol = solve_parallel(
             cell,
             xs,
@@ -258,7 +258,7 @@ def _fallback(cell, xs, s0, states, converged, batched):
 
 def zero_padding(y: Float[Array, "*B T N"], lengths: Int[Array, "*B"]) -> Array:
     """`y` with the steps at and past each sequence's length set to zero."""
-    t = jnp.arange(y.shape[-2])
+    t = jnp.arange(y.shape[-2], dtype=lengths.dtype)
     valid = t[None, :] < lengths[:, None] if lengths.ndim else t < lengths
     return jnp.where(valid[..., None], y, jnp.zeros_like(y))
 
