@@ -154,7 +154,9 @@ CASES = [
 def test_layer_matches_scan_on_padded_batch(kind, solver, direction, dtype):
     """States, outputs, loss and gradients (parameters, inputs) equal the per-sequence
     `lax.scan` model; padding gets exactly zero gradient and does not change the loss."""
-    layer = make_layer(kind, solver, direction, dtype)
+    # "ignore": these solves converge (asserted below); the fallback's branch, which
+    # only adds compilation here, has its own test.
+    layer = make_layer(kind, solver, direction, dtype, on_failure="ignore")
     x = jax.random.normal(jax.random.key(1), (B, T, M), dtype)
     width = 2 * D if direction == "bidirectional" else D
     weight = jax.random.normal(jax.random.key(2), (B, T, width), dtype)
@@ -196,7 +198,7 @@ def _unbatched_and_vmapped(layer, x, lengths):
 def test_unbatched_and_user_vmap():
     """`jax.vmap` over the unbatched layer with scalar lengths equals the scan model;
     so does one unpadded `(T, M)` sequence."""
-    layer = make_rnn("eqx_gru", prnn.DEER(), jnp.float64, reverse=True)
+    layer = make_rnn("eqx_gru", prnn.DEER(), jnp.float64, reverse=True, on_failure="ignore")
     x = jax.random.normal(jax.random.key(1), (B, T, M))
     (y_v, r_v), (y1, r1) = _unbatched_and_vmapped(layer, x, jnp.asarray(LENGTHS))
     o_y, _ = oracle_direction(layer.cell, x, LENGTHS, True)
@@ -249,13 +251,17 @@ def make_stack(dtype):
     k = jax.random.split(jax.random.key(4), 6)
     W = 5
     first = nn.Block(
-        nn.RNN(prnn.cells.GRU.wrap(eqx.nn.GRUCell(W, D, key=k[0], dtype=dtype)), prnn.QuasiDEER()),
+        nn.RNN(
+            prnn.cells.GRU.wrap(eqx.nn.GRUCell(W, D, key=k[0], dtype=dtype)),
+            prnn.QuasiDEER(),
+            on_failure="ignore",
+        ),
         W,
         key=k[1],
         norm="rms",
         dropout=0.5,
     )
-    elman = nn.RNN(prnn.cells.Elman(W, D, key=k[2], dtype=dtype), reverse=True)
+    elman = nn.RNN(prnn.cells.Elman(W, D, key=k[2], dtype=dtype), reverse=True, on_failure="ignore")
     second = nn.Block(elman, W, key=k[3])
     return nn.Stack([first, second])
 
@@ -305,6 +311,7 @@ def test_stack_matches_scan_model():
     valid = np.arange(T)[None, :] < LENGTHS[:, None]
     assert np.all(np.asarray(g_x)[~valid] == 0) and np.all(np.asarray(y)[~valid] == 0)
     assert [r.num_steps.shape for r in results] == [(B,), (B,)]
+    assert all(np.all(r.converged) for r in results)
     guesses = [r.states for r in results]
     (value2, (_, results2)), _ = _stack_loss_and_grads(stack, x, lengths, weight, guesses)
     _close(value2, value, tol)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._bidirectional import Bidirectional
-from ._layer import RNN, LayerResult, zero_padding
+from ._layer import RNN, LayerResult, zero_padding, zero_state
 
 
 def per_step(f: Callable, x: Array) -> Array:
@@ -73,8 +73,7 @@ class Block(eqx.Module):
         elif isinstance(norm, str):
             raise ValueError(f"`norm` must be 'layer', 'rms', None or a module; got {norm!r}")
         self.norm = norm
-        x = jax.ShapeDtypeStruct((1, width), _dtype(layer))
-        out_size = eqx.filter_eval_shape(layer, x)[0].shape[-1]
+        out_size = _output_size(layer, jnp.zeros((width,), _dtype(layer)))
         if projection:
             self.projection = eqx.nn.Linear(out_size, width, key=key, dtype=_dtype(layer))
         else:
@@ -105,6 +104,15 @@ class Block(eqx.Module):
         if lengths is not None:
             y = zero_padding(y, jnp.asarray(lengths))
         return y, result
+
+
+def _output_size(layer: RNN | Bidirectional, x_t: Array) -> int:
+    """The size of the layer's outputs for inputs like `x_t` (from the readout of a
+    zero state, without tracing a solve)."""
+    if isinstance(layer, Bidirectional):
+        return _output_size(layer.forward, x_t) + _output_size(layer.backward, x_t)
+    s0 = zero_state(layer.cell, x_t)
+    return eqx.filter_eval_shape(layer.readout, s0).shape[-1]
 
 
 def _dtype(layer: RNN | Bidirectional):

@@ -113,10 +113,14 @@ class RNN(eqx.Module):
       `"ignore"` returns the last iterate, flagged by `converged=False`.
 
     **Calling:** `layer(inputs, *, lengths=None, init_state=None, guess=None)`
-    with `inputs` `(T, M)` or a batch `(B, T, M)`; `lengths` (`(B,)`, or a scalar
-    for one sequence) marks padding at the end; `init_state` defaults to zeros;
-    `guess` is a previous `LayerResult.states` (warm start). Returns
-    `(outputs, LayerResult)`, outputs `(…, T, out)`, zero past each length.
+    with `inputs` `(T, M)` or a batch `(B, T, M)`; `lengths` (`(B,)` integers, or
+    a scalar for one sequence) marks padding at the end: past its length a
+    sequence holds its last valid state and its outputs are zero, and the padding
+    inputs get exactly zero gradient. `init_state` is `s_0` (with a leading `B`
+    for a batch; default zeros of the cell's `hidden_size`, or a pair of them for
+    an LSTM-like cell); `guess` is a previous `LayerResult.states` for the same
+    sequences (a warm start: fewer iterations, same answer, no gradient).
+    Returns `(outputs, LayerResult)`, outputs `(…, T, out)`.
 
     A batch is solved as one `vmap`ped solve: it iterates until its slowest member
     has converged, and so does its gradient.
