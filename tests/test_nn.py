@@ -191,20 +191,20 @@ def test_layer_matches_scan_on_padded_batch(kind, solver, direction, dtype):
 @eqx.filter_jit
 def _unbatched_and_vmapped(layer, x, lengths):
     vmapped = jax.vmap(lambda xb, L: layer(xb, lengths=L))(x, lengths)
-    one = layer(x[0])  # (T, M), no lengths
+    one = layer(x[0], init_state=jnp.full(D, 0.3))  # (T, M), no lengths
     return vmapped, one
 
 
 def test_unbatched_and_user_vmap():
     """`jax.vmap` over the unbatched layer with scalar lengths equals the scan model;
-    so does one unpadded `(T, M)` sequence."""
+    so does one unpadded `(T, M)` sequence from a given initial state."""
     layer = make_rnn("eqx_gru", prnn.DEER(), jnp.float64, reverse=True, on_failure="ignore")
     x = jax.random.normal(jax.random.key(1), (B, T, M))
     (y_v, r_v), (y1, r1) = _unbatched_and_vmapped(layer, x, jnp.asarray(LENGTHS))
     o_y, _ = oracle_direction(layer.cell, x, LENGTHS, True)
     _close(y_v, o_y, _tol(jnp.float64))
     assert r_v.num_steps.shape == (B,) and np.all(r_v.converged)
-    ref = scan_reference(layer.cell, x[0][::-1], jnp.zeros(D))[::-1]
+    ref = scan_reference(layer.cell, x[0][::-1], jnp.full(D, 0.3))[::-1]
     _close(y1, ref, _tol(jnp.float64))
     assert r1.num_steps.shape == ()
 
