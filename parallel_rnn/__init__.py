@@ -2,7 +2,7 @@
 
 import importlib.metadata
 
-from . import cells as cells
+from . import cells as cells, nn as nn
 from ._cost import calibrate as calibrate
 from ._diagnose import Diagnosis as Diagnosis, Prediction as Prediction, diagnose as diagnose
 from ._gated import GatedJacobian as GatedJacobian

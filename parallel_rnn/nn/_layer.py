@@ -1,0 +1,258 @@
+"""`RNN`: one recurrent layer evaluated by a parallel solve, and its `LayerResult`."""
+
+from collections.abc import Callable
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from .._sequential import solve_sequential
+from .._solve import solve_parallel
+from .._solver.base import AbstractSolver
+from .._solver.deer import DEER
+from ._mask import masked
+
+
+OnFailure = Literal["fallback", "raise", "ignore"]
+_POLICIES = ("fallback", "raise", "ignore")
+
+
+class LayerResult(eqx.Module):
+    """What a layer's solve learned about itself, returned beside its outputs.
+
+    Leading axes: `(B,)` for a batch, none for one sequence; a `Bidirectional`
+    layer adds a trailing axis of 2 (forward, reverse) to the flags, and its
+    `states` are the pair `(forward, reverse)`.
+
+    **Attributes:**
+
+    - `states`: the trajectory `s_1..s_T` in the inputs' time order (`(B, T, ...)`
+      or `(T, ...)`, the state's pytree). Past a sequence's length it holds the
+      state of the last valid step (the reverse direction: the state after the
+      first step). Pass it back as `guess=` to warm-start the next solve.
+    - `num_steps`: parallel iterations used.
+    - `converged`: whether the parallel solve met its tolerance.
+    - `fell_back`: whether the states were recomputed sequentially (only under
+      `on_failure="fallback"`, exactly where `converged` is False).
+    - `residual`: the parallel solve's final max-norm residual.
+    """
+
+    states: PyTree
+    num_steps: Int[Array, "*B"]
+    converged: Bool[Array, "*B"]
+    fell_back: Bool[Array, "*B"]
+    residual: Float[Array, "*B"]
+
+
+def default_readout(state: PyTree) -> Array:
+    """The output of a state: the state itself, or its first element for a tuple
+    state (the `h` of an LSTM's `(h, c)`)."""
+    if isinstance(state, (tuple, list)):
+        return state[0]
+    if not isinstance(state, jax.Array):
+        raise TypeError(
+            "the state is not an array nor a tuple: give the layer a `readout` "
+            f"function from the state to the output; got {type(state)}"
+        )
+    return state
+
+
+def zero_state(cell: Callable, x_t: Array) -> PyTree:
+    """Zeros shaped like `cell`'s state: `(hidden_size,)` (or `state_size`), or a pair
+    of them for a cell whose state is a pair (LSTM), in the dtype the cell returns."""
+    n = getattr(cell, "state_size", None) or getattr(cell, "hidden_size", None)
+    if not isinstance(n, int):
+        raise TypeError(
+            f"cannot tell the state shape of {type(cell).__name__} (it has no integer "
+            "`hidden_size` or `state_size`): pass `init_state=`"
+        )
+    z = jax.ShapeDtypeStruct((n,), x_t.dtype)
+    for candidate in (z, (z, z)):
+        try:
+            out = eqx.filter_eval_shape(cell, x_t, candidate)
+        except Exception:
+            continue
+        if jtu.tree_structure(out) == jtu.tree_structure(candidate):
+            return jtu.tree_map(lambda o: jnp.zeros(o.shape, o.dtype), out)
+    raise TypeError(
+        f"cannot tell the state shape of {type(cell).__name__}: neither a ({n},) array "
+        "nor a pair of them is accepted and returned by it; pass `init_state=`"
+    )
+
+
+def reverse_index(T: int, length) -> Int[Array, " T"]:
+    """The permutation reversing the first `length` steps of `T` and fixing the
+    padding after them (its own inverse)."""
+    t = jnp.arange(T)
+    return jnp.where(t < length, length - 1 - t, t)
+
+
+class RNN(eqx.Module):
+    """A recurrent layer: `s_t = cell(x_t, s_{t-1})` evaluated by a parallel solve,
+    then `y_t = readout(s_t)`.
+
+    **Arguments:**
+
+    - `cell`: `cell(input_t, state) -> new_state`, e.g. `parallel_rnn.cells.GRU`.
+    - `solver`: a `parallel_rnn` solver (default `DEER()`).
+    - `readout`: `state -> output` for one step (default: the state, or `h` of a
+      pair state `(h, c)`); may be a module with parameters (`eqx.nn.Linear`).
+    - `reverse`: run from each sequence's last valid step back to its first.
+    - `rtol`, `atol`, `max_steps`: as for [`parallel_rnn.solve_parallel`][].
+    - `on_failure`: what to do where a solve does not converge (`max_steps`
+      reached): `"fallback"` (default) recomputes those sequences with
+      `solve_sequential` (exact, BPTT gradient) and flags them in
+      `LayerResult.fell_back`; `"raise"` raises a runtime error (`throw=True`);
+      `"ignore"` returns the last iterate, flagged by `converged=False`.
+
+    **Calling:** `layer(inputs, *, lengths=None, init_state=None, guess=None)`
+    with `inputs` `(T, M)` or a batch `(B, T, M)`; `lengths` (`(B,)`, or a scalar
+    for one sequence) marks padding at the end; `init_state` defaults to zeros;
+    `guess` is a previous `LayerResult.states` (warm start). Returns
+    `(outputs, LayerResult)`, outputs `(…, T, out)`, zero past each length.
+
+    A batch is solved as one `vmap`ped solve: it iterates until its slowest member
+    has converged, and so does its gradient.
+    """
+
+    cell: Callable
+    solver: AbstractSolver
+    readout: Callable
+    reverse: bool = eqx.field(static=True)
+    rtol: float | None = eqx.field(static=True)
+    atol: float | None = eqx.field(static=True)
+    max_steps: int | None = eqx.field(static=True)
+    on_failure: OnFailure = eqx.field(static=True)
+
+    def __init__(
+        self,
+        cell: Callable,
+        solver: AbstractSolver = DEER(),
+        *,
+        readout: Callable = default_readout,
+        reverse: bool = False,
+        rtol: float | None = None,
+        atol: float | None = None,
+        max_steps: int | None = None,
+        on_failure: OnFailure = "fallback",
+    ):
+        if not isinstance(solver, AbstractSolver):
+            raise TypeError(f"`solver` must be a parallel_rnn solver (e.g. DEER()); got {solver!r}")
+        if on_failure not in _POLICIES:
+            raise ValueError(f"`on_failure` must be one of {_POLICIES}; got {on_failure!r}")
+        self.cell = cell
+        self.solver = solver
+        self.readout = readout
+        self.reverse = bool(reverse)
+        self.rtol = rtol
+        self.atol = atol
+        self.max_steps = max_steps
+        self.on_failure = on_failure
+
+    def __call__(
+        self,
+        inputs: Float[Array, "*B T M"],
+        *,
+        lengths: Int[Array, "*B"] | int | None = None,
+        init_state: PyTree | None = None,
+        guess: PyTree | None = None,
+    ) -> tuple[Array, LayerResult]:
+        inputs = jnp.asarray(inputs)
+        if inputs.ndim not in (2, 3):
+            raise ValueError(
+                f"`inputs` must be (T, M) or a batch (B, T, M); got shape {inputs.shape}"
+            )
+        batched = inputs.ndim == 3
+        T = inputs.shape[-2]
+        if lengths is not None:
+            lengths = jnp.asarray(lengths)
+            want = inputs.shape[:1] if batched else ()
+            if lengths.shape != want or not jnp.issubdtype(lengths.dtype, jnp.integer):
+                raise ValueError(
+                    f"`lengths` must be integers of shape {want} for inputs of shape "
+                    f"{inputs.shape}; got {lengths.dtype}{lengths.shape}"
+                )
+        if init_state is None:
+            s0 = zero_state(self.cell, inputs[(0,) * (inputs.ndim - 1)])
+            if batched:
+                s0 = jtu.tree_map(lambda a: jnp.broadcast_to(a, (inputs.shape[0], *a.shape)), s0)
+        else:
+            s0 = init_state
+        axes = 0 if batched else None
+        solve = jax.vmap(self._solve, in_axes=(0, axes, 0, 0)) if batched else self._solve
+        states, (num_steps, converged, residual), xs = solve(inputs, lengths, s0, guess)
+        fell_back = jnp.zeros_like(converged)
+        if self.on_failure == "fallback":
+            cell = self.cell if lengths is None else masked(self.cell)
+            states = _fallback(cell, xs, s0, states, converged, batched)
+            fell_back = ~converged
+        # Back to the inputs' time order.
+        order = jax.vmap(self._order, in_axes=(0, axes)) if batched else self._order
+        states = order(states, lengths)
+        outputs = self._outputs(states, lengths, T, batched)
+        return outputs, LayerResult(states, num_steps, converged, fell_back, residual)
+
+    def _order(self, tree: PyTree, length) -> PyTree:
+        """Between the inputs' time order and the solve's, for one sequence (an
+        involution): the identity forward; reversed, a flip, or with `length` the
+        reversal of the first `length` steps (the padding stays at the end)."""
+        if not self.reverse:
+            return tree
+        if length is None:
+            return jtu.tree_map(lambda a: jnp.flip(a, 0), tree)
+        T = jtu.tree_leaves(tree)[0].shape[0]
+        index = reverse_index(T, length)
+        return jtu.tree_map(lambda a: a[index], tree)
+
+    def _solve(self, x, length, s0, guess):
+        """One sequence: the solve in its own time order, masked past `length`."""
+        x = self._order(x, length)
+        if length is None:
+            cell, xs = self.cell, x
+        else:
+            cell, xs = masked(self.cell), (x, jnp.arange(x.shape[0]) < length)
+        sol = solve_parallel(
+            cell,
+            xs,
+            s0,
+            self.solver,
+            guess=None if guess is None else self._order(guess, length),
+            rtol=self.rtol,
+            atol=self.atol,
+            max_steps=self.max_steps,
+            throw=self.on_failure == "raise",
+        )
+        return sol.states, (sol.num_steps, sol.converged, sol.residual), xs
+
+    def _outputs(self, states, lengths, T, batched):
+        readout = jax.vmap(self.readout)
+        if batched:
+            readout = jax.vmap(readout)
+        outputs = readout(states)
+        if lengths is not None:
+            valid = jnp.arange(T) < (lengths[:, None] if batched else lengths)
+            outputs = jnp.where(valid[..., None], outputs, jnp.zeros_like(outputs))
+        return outputs
+
+
+def _fallback(cell, xs, s0, states, converged, batched):
+    """Replace the unconverged sequences' states by `solve_sequential`'s. On a batch
+    the branch is taken once for the whole batch (a `lax.cond` on "all converged"),
+    so a batch that converged pays nothing more; a `vmap` around an unbatched layer
+    turns the `cond` into a select, which runs the sequential scan on every call."""
+    sequential = jax.vmap(solve_sequential, in_axes=(None, 0, 0)) if batched else solve_sequential
+
+    def exact(states):
+        exact_states = sequential(cell, xs, s0)
+        keep = lambda e, s: jnp.where(_expand(converged, s), s, e)  # noqa: E731
+        return jtu.tree_map(keep, exact_states, states)
+
+    return jax.lax.cond(jnp.all(converged), lambda s: s, exact, states)
+
+
+def _expand(flag, like):
+    """`flag` `(B,)` or `()` broadcastable against `like` `(B, T, ...)` or `(T, ...)`."""
+    return flag.reshape(flag.shape + (1,) * (like.ndim - flag.ndim))
