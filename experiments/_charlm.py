@@ -1,26 +1,27 @@
-"""A multi-layer character LM, evaluated layer by layer by BPTT (`lax.scan`) or in parallel.
+"""A multi-layer character LM built from `parallel_rnn.nn`, and the same model by BPTT.
 
 Shared by `train_charlm` (training curves) and `bench_training` (cost of a step).
 
-The model: embedding (`width`) → `layers` residual blocks → LayerNorm → linear
-decoder to logits over `VOCAB`. A block is pre-norm and residual, as in ParaRNN's
-and most RNN-LM stacks: `x + W_out h(LayerNorm(x))`, where `h` is the hidden-state
-sequence of a recurrent cell (`ParaGRU`, `ParaLSTM`, or the dense `GRU`, `LSTM` of
-`parallel_rnn.cells`) read from the normalised input, from a zero state.
+The model: embedding (`width`) → `layers` × `prnn.nn.Block` (pre-norm residual:
+`x + W_out h(LayerNorm(x))`, `h` the hidden states of an `nn.RNN` around a cell:
+`ParaGRU`, `ParaLSTM`, or the dense `GRU`, `LSTM` of `parallel_rnn.cells`) →
+LayerNorm → linear decoder to logits over `VOCAB`, all in one `prnn.nn.Stack`.
 
-Each layer's recurrence is evaluated by one `LayerEval`:
+Two forward passes read the same parameters:
 
-- `bptt_eval`: a hand-written `lax.scan` (autodiff through it is BPTT);
-- `parallel_eval(solver, rtol, atol)`: `prnn.solve_parallel` with the guess given,
-  `throw=False`; iterations and convergence are returned for logging.
+- `parallel_forward`: the `nn.Stack` itself (one `solve_parallel` per layer, exact
+  adjoint gradients), with a warm start per layer (`guesses`);
+- `bptt_forward`: the same blocks evaluated by hand with a `lax.scan` per layer
+  (autodiff through it is BPTT); it uses no `parallel_rnn` code but the cells.
+
+Both return the loss (mean cross-entropy, nats/char) and per layer the states
+`(B, T, …)`, iterations `(B,)`, `converged` and `fell_back` `(B,)` (zeros / True /
+False for BPTT).
 
 The data are non-overlapping windows of `T + 1` characters of the offline corpus of
 `experiments._trained` (docstrings of the standard library), indexed by example, so
 that a warm start can be keyed by example index.
 """
-
-from collections.abc import Callable
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -29,6 +30,7 @@ import numpy as np
 import optax
 
 import parallel_rnn as prnn
+from parallel_rnn import nn
 
 from ._trained import VOCAB, corpus_ids
 
@@ -45,47 +47,21 @@ def is_lstm(kind: str) -> bool:
     return kind in ("paralstm", "lstm")
 
 
-class Block(eqx.Module):
-    """`x + W_out h(LayerNorm(x))`, `h` the hidden states of `cell` over the sequence."""
-
-    norm: eqx.nn.LayerNorm
-    cell: eqx.Module
-    proj: eqx.nn.Linear
-    lstm: bool = eqx.field(static=True)
-    hidden: int = eqx.field(static=True)
-
-    def __init__(self, kind: str, width: int, hidden: int, dtype, *, key):
-        kc, kp = jax.random.split(key)
-        self.norm = eqx.nn.LayerNorm(width, dtype=dtype)
-        self.cell = CELLS[kind](width, hidden, dtype=dtype, key=kc)
-        self.proj = eqx.nn.Linear(hidden, width, key=kp, dtype=dtype)
-        self.lstm = is_lstm(kind)
-        self.hidden = hidden
-
-    def init_state(self, dtype):
-        h = jnp.zeros(self.hidden, dtype)
-        return (h, h) if self.lstm else h
-
-    def cell_inputs(self, x):
-        return jax.vmap(self.norm)(x)
-
-    def output(self, x, states):
-        h = states[0] if self.lstm else states
-        return x + jax.vmap(self.proj)(h)
-
-
 class StackLM(eqx.Module):
-    """Embedding → `layers` × `Block` → LayerNorm → decoder (logits over `VOCAB`)."""
+    """Embedding → `nn.Stack` of `layers` residual blocks → LayerNorm → decoder."""
 
     embed: eqx.nn.Embedding
-    blocks: tuple[Block, ...]
+    stack: nn.Stack
     norm: eqx.nn.LayerNorm
     decoder: eqx.nn.Linear
 
     def __init__(self, kind: str, layers: int, width: int, hidden: int, dtype, *, key):
-        ke, kd, *kb = jax.random.split(key, 2 + layers)
+        ke, kd, *kb = jax.random.split(key, 2 + 2 * layers)
         self.embed = eqx.nn.Embedding(len(VOCAB), width, key=ke, dtype=dtype)
-        self.blocks = tuple(Block(kind, width, hidden, dtype, key=k) for k in kb)
+        cells = [CELLS[kind](width, hidden, dtype=dtype, key=k) for k in kb[:layers]]
+        # The blocks' LayerNorm takes JAX's default dtype (float64 under x64).
+        blocks = [nn.Block(nn.RNN(c), width, key=k) for c, k in zip(cells, kb[layers:])]
+        self.stack = nn.Stack(blocks)
         self.norm = eqx.nn.LayerNorm(width, dtype=dtype)
         self.decoder = eqx.nn.Linear(width, len(VOCAB), key=kd, dtype=dtype)
 
@@ -93,9 +69,28 @@ class StackLM(eqx.Module):
     def dtype(self):
         return self.embed.weight.dtype
 
+    @property
+    def cells(self) -> list:
+        return [b.layer.cell for b in self.stack.blocks]  # pyright: ignore
 
-# A layer evaluator: (cell, inputs (T, M), s0, guess or None) -> (states, num_steps, converged)
-LayerEval = Callable[[Any, Any, Any, Any], tuple[Any, jax.Array, jax.Array]]
+    def loss(self, x, ids):
+        logits = jax.vmap(jax.vmap(lambda v: self.decoder(self.norm(v))))(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+
+def with_solver(model, solver, *, rtol=None, atol=None, on_failure="fallback"):
+    """`model` whose every `nn.RNN` uses `solver` (and the tolerances, failure policy)."""
+
+    def replace(layer):
+        return nn.RNN(layer.cell, solver, rtol=rtol, atol=atol, on_failure=on_failure)
+
+    layers = lambda m: [b.layer for b in m.stack.blocks]
+    return eqx.tree_at(layers, model, [replace(layer) for layer in layers(model)])
+
+
+def zero_state(cell, dtype):
+    h = jnp.zeros(cell.hidden_size, dtype)
+    return (h, h) if isinstance(cell, (prnn.cells.ParaLSTM, prnn.cells.LSTM)) else h
 
 
 def scan_states(cell, inputs, s0):
@@ -108,47 +103,45 @@ def scan_states(cell, inputs, s0):
     return jax.lax.scan(step, s0, inputs)[1]
 
 
-def bptt_eval(cell, inputs, s0, guess):
-    del guess
-    return scan_states(cell, inputs, s0), jnp.array(0, jnp.int32), jnp.array(True)
+def _no_solve(batch: int):
+    return jnp.zeros(batch, jnp.int32), jnp.ones(batch, bool), jnp.zeros(batch, bool)
 
 
-def parallel_eval(solver, rtol=None, atol=None) -> LayerEval:
-    def evaluate(cell, inputs, s0, guess):
-        sol = prnn.solve_parallel(
-            cell, inputs, s0, solver, guess=guess, rtol=rtol, atol=atol, throw=False
-        )
-        return sol.states, sol.num_steps, sol.converged
-
-    return evaluate
-
-
-def forward(model: StackLM, ids, evaluate: LayerEval, guesses):
-    """Loss of a batch `ids (B, T + 1)` (mean cross-entropy, nats/char) and per layer:
-    the states `(B, T, …)`, the layer's inputs `(B, T, width)` (for extra solves), the
-    iterations `(B,)` and `converged` `(B,)`. `guesses`: per layer `(B, T, …)` or None."""
+def bptt_forward(model: StackLM, ids, guesses=None):
+    """The loss by `lax.scan` layers (the `nn.Block`s' parameters, evaluated by hand)."""
+    del guesses
     x = jax.vmap(jax.vmap(model.embed))(ids[:, :-1])
-    states, inputs, iters, conv = [], [], [], []
-    for block, guess in zip(model.blocks, guesses):
-        u = jax.vmap(block.cell_inputs)(x)
-        s0 = block.init_state(model.dtype)
-        one = lambda u_b, g_b, block=block, s0=s0: evaluate(block.cell, u_b, s0, g_b)
-        s, n, c = jax.vmap(one)(u, guess)
-        x = jax.vmap(block.output)(x, s)
-        states.append(s)
-        inputs.append(u)
-        iters.append(n)
-        conv.append(c)
-    logits = jax.vmap(jax.vmap(lambda v: model.decoder(model.norm(v))))(x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-    return loss, (states, inputs, iters, conv)
+    aux = dict(states=[], iters=[], converged=[], fell_back=[])
+    for block in model.stack.blocks:
+        cell = block.layer.cell  # pyright: ignore
+        u = jax.vmap(jax.vmap(block.norm))(x)  # pyright: ignore
+        s = jax.vmap(lambda u_b: scan_states(cell, u_b, zero_state(cell, x.dtype)))(u)
+        h = s[0] if isinstance(s, tuple) else s
+        x = x + jax.vmap(jax.vmap(block.projection))(h)  # pyright: ignore
+        n, c, f = _no_solve(ids.shape[0])
+        for k, v in zip(aux, (s, n, c, f)):
+            aux[k].append(v)
+    return model.loss(x, ids), aux
 
 
-def zero_guesses(model: StackLM, batch: int, T: int):
-    """Per layer the default guess of `solve_parallel` (the zero state repeated)."""
+def parallel_forward(model: StackLM, ids, guesses=None):
+    """The loss through the `nn.Stack` (parallel solves), warm-started by `guesses`."""
+    x = jax.vmap(jax.vmap(model.embed))(ids[:, :-1])
+    x, results = model.stack(x, guesses=guesses)
+    aux = dict(
+        states=[r.states for r in results],
+        iters=[r.num_steps for r in results],
+        converged=[r.converged for r in results],
+        fell_back=[r.fell_back for r in results],
+    )
+    return model.loss(x, ids), aux
+
+
+def zero_guesses(model, batch: int, T: int):
+    """Per layer an all-zero trajectory `(batch, T, …)` (the zero state repeated)."""
     return [
-        jax.tree.map(lambda a: jnp.zeros((batch, T, *a.shape), a.dtype), b.init_state(model.dtype))
-        for b in model.blocks
+        jax.tree.map(lambda a: jnp.zeros((batch, T, *a.shape), a.dtype), zero_state(c, model.dtype))
+        for c in model.cells
     ]
 
 

@@ -33,6 +33,7 @@ GPU). `--quick`: `T ∈ {1e3, 1e4}`, `D ∈ {16, 64}`, batch 4, three cases.
 """
 
 import math
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -40,11 +41,22 @@ import jax.numpy as jnp
 import numpy as np
 
 import parallel_rnn as prnn
+from parallel_rnn import nn
 from parallel_rnn._cost import default_cost
 
-from ._charlm import CELLS, StackLM, bptt_eval, forward, is_lstm, optimiser, parallel_eval
+from ._charlm import (
+    CELLS,
+    StackLM,
+    bptt_forward,
+    optimiser,
+    parallel_forward,
+    scan_states,
+    with_solver,
+    zero_state,
+)
 from ._common import (
     by_mode,
+    dtype_scope,
     executable_memory,
     format_table,
     number,
@@ -60,69 +72,77 @@ from ._trained import corpus_ids
 
 
 class OneLayer(eqx.Module):
-    """One recurrent layer with a fixed-form loss, `mean(tanh(h) · v)`."""
+    """One `nn.RNN` layer with a fixed-form loss, `mean(tanh(h) · v)`."""
 
-    cell: eqx.Module
+    layer: nn.RNN
     v: jax.Array
-    lstm: bool = eqx.field(static=True)
 
     def __init__(self, kind: str, D: int, dtype, *, key):
         kc, kv = jax.random.split(key)
-        self.cell = CELLS[kind](D, D, dtype=dtype, key=kc)
+        self.layer = nn.RNN(CELLS[kind](D, D, dtype=dtype, key=kc))
         self.v = jax.random.normal(kv, (D,), dtype) / math.sqrt(D)
-        self.lstm = is_lstm(kind)
 
     @property
-    def blocks(self):  # `zero` guesses and the warm start treat it as a 1-layer stack
-        return (self,)
-
-    def init_state(self, dtype):
-        h = jnp.zeros(self.v.shape, dtype)
-        return (h, h) if self.lstm else h
+    def cells(self) -> list:
+        return [self.layer.cell]
 
 
-def layer_forward(model: OneLayer, xs, evaluate, guesses):
-    s0 = model.init_state(xs.dtype)
-    s, n, c = jax.vmap(lambda x, g: evaluate(model.cell, x, s0, g))(xs, guesses[0])
-    h = s[0] if model.lstm else s
-    return jnp.mean(jnp.tanh(h) @ model.v), ([s], None, [n], [c])
+def layer_bptt(model: OneLayer, xs, guesses=None):
+    del guesses
+    cell = model.layer.cell
+    s = jax.vmap(lambda x: scan_states(cell, x, zero_state(cell, xs.dtype)))(xs)
+    h = s[0] if isinstance(s, tuple) else s
+    n = jnp.zeros(xs.shape[0], jnp.int32)
+    return jnp.mean(jnp.tanh(h) @ model.v), dict(states=[s], iters=[n], converged=[n == 0])
+
+
+def layer_parallel(model: OneLayer, xs, guesses=None):
+    h, r = model.layer(xs, guess=None if guesses is None else guesses[0])
+    aux = dict(states=[r.states], iters=[r.num_steps], converged=[r.converged])
+    return jnp.mean(jnp.tanh(h) @ model.v), aux
+
+
+def set_solver(model, solver, on_failure):
+    if isinstance(model, OneLayer):
+        layer = nn.RNN(model.layer.cell, solver, on_failure=on_failure)
+        return eqx.tree_at(lambda m: m.layer, model, layer)
+    return with_solver(model, solver, on_failure=on_failure)
 
 
 def make_case(case: str, T: int, D: int, batch: int, dtype, seed: int):
-    """`(model, data, forward)` of a case."""
+    """`(model, data, bptt forward, parallel forward)` of a case."""
     kind, cell = case.split("_", 1)
     key_model, key_data = jax.random.split(jax.random.key(seed))
     if kind == "layer":
         xs = jax.random.normal(key_data, (batch, T, D), dtype)
-        return OneLayer(cell, D, dtype, key=key_model), xs, layer_forward
+        return OneLayer(cell, D, dtype, key=key_model), xs, layer_bptt, layer_parallel
     if kind == "lm":
         text = corpus_ids()[0]
         starts = np.random.default_rng(seed).integers(0, len(text), batch)
-        ids = text[(starts[:, None] + np.arange(T + 1)[None, :]) % len(text)]
-        return StackLM(cell, 2, D, D, dtype, key=key_model), jnp.asarray(ids), forward
+        ids = jnp.asarray(text[(starts[:, None] + np.arange(T + 1)[None, :]) % len(text)])
+        return StackLM(cell, 2, D, D, dtype, key=key_model), ids, bptt_forward, parallel_forward
     raise ValueError(f"unknown case {case!r}: layer_<cell> or lm_<cell>, cell in {sorted(CELLS)}")
 
 
 def warm_guesses(model, data, fwd):
     """The states of `data` one Adam step (lr 1e-3) before `model'`; returns both."""
-    loss = lambda m: fwd(m, data, bptt_eval, [None] * len(model.blocks))
-    (_, (states, *_)), grads = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))(model)
+    loss = lambda m: fwd(m, data)
+    (_, aux), grads = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))(model)
     opt = optimiser(1e-3, 10)
     with jax.numpy_dtype_promotion("standard"):
         updates, _ = opt.update(grads, opt.init(eqx.filter(model, eqx.is_array)))
-    return eqx.apply_updates(model, updates), states
+    return eqx.apply_updates(model, updates), aux["states"]
 
 
-def compile_step(model, data, guesses, fwd, evaluate):
+def compile_step(model, data, guesses, fwd):
     """The training step (loss, gradient, iterations per layer), compiled ahead of time."""
     dynamic, static = eqx.partition((model, data, guesses), eqx.is_array)
 
     def step(dynamic):
         model, data, guesses = eqx.combine(dynamic, static)
-        grad_fn = eqx.filter_value_and_grad(fwd, has_aux=True)
-        (loss, (_, _, iters, conv)), grads = grad_fn(model, data, evaluate, guesses)
-        iters = jnp.stack([jnp.max(n) for n in iters])
-        return loss, grads, iters, jnp.all(jnp.stack([jnp.all(c) for c in conv]))
+        (loss, aux), grads = eqx.filter_value_and_grad(fwd, has_aux=True)(model, data, guesses)
+        iters = jnp.stack([jnp.max(n) for n in aux["iters"]])
+        return loss, grads, iters, jnp.all(jnp.stack([jnp.all(c) for c in aux["converged"]]))
 
     compiled = jax.jit(step).lower(dynamic).compile()
     return lambda: compiled(dynamic)[2:], lambda: compiled(dynamic), executable_memory(compiled)
@@ -156,9 +176,9 @@ def cost_solver(solver, cell):
 
 def measure(case, T, D, batch, args) -> list[dict]:
     dtype = jnp.dtype(args.dtype)
-    model0, data, fwd = make_case(case, T, D, batch, dtype, args.seed)
-    model, warm = warm_guesses(model0, data, fwd)
-    layers = len(model.blocks)
+    model0, data, bptt_fwd, parallel_fwd = make_case(case, T, D, batch, dtype, args.seed)
+    model, warm = warm_guesses(model0, data, bptt_fwd)
+    layers = len(model.cells)
     cell = case.split("_", 1)[1]
     base = dict(case=case, T=T, D=D, batch=batch, dtype=dtype.name, layers=layers)
     methods = [("BPTT", None, False)]
@@ -168,11 +188,13 @@ def measure(case, T, D, batch, args) -> list[dict]:
         methods += [(name, getattr(prnn, name)(), False), (name, getattr(prnn, name)(), True)]
     rows = []
     for name, solver, use_warm in methods:
-        row = dict(base, method=name + (" warm" if use_warm else ""), solver=name)
-        evaluate = bptt_eval if solver is None else parallel_eval(solver)
-        guesses = warm if use_warm else [None] * layers
+        row: dict[str, Any] = dict(base, method=name + (" warm" if use_warm else ""), solver=name)
+        if solver is None:
+            m, fwd = model, bptt_fwd
+        else:
+            m, fwd = set_solver(model, solver, args.on_failure), parallel_fwd
         try:
-            probe, run, mem = compile_step(model, data, guesses, fwd, evaluate)
+            probe, run, mem = compile_step(m, data, warm if use_warm else None, fwd)
             row["compiled_mib"] = mem / 2**20 if mem is not None else ""
             if mem is not None and mem > args.max_bytes:
                 rows.append(dict(row, status="skipped", message=f"compiled {mem} bytes"))
@@ -205,27 +227,16 @@ def plot(rows: list[dict], path) -> None:
     for j, case in enumerate(cases):
         mine = [r for r in rows if r["case"] == case and r["status"] == "ok"]
         for method in dict.fromkeys(r["method"] for r in mine):
-            for D in sorted({r["D"] for r in mine}):
-                rs = sorted(
-                    (r for r in mine if r["method"] == method and r["D"] == D),
-                    key=lambda r: (r["batch"], r["T"]),
-                )
-                for b in sorted({r["batch"] for r in rs}):
-                    sel = [r for r in rs if r["batch"] == b]
-                    look = dict(ls="-" if method == "BPTT" else "--" if "warm" in method else ":")
-                    label = f"{method} D={D} B={b}"
-                    axes[0, j].loglog(
-                        [r["T"] for r in sel],
-                        [r["time_s"] for r in sel],
-                        marker="o",
-                        label=label,
-                        **look,
-                    )
-                    mem = [r["compiled_mib"] for r in sel]
-                    if all(isinstance(m, float) for m in mem):
-                        axes[1, j].loglog(
-                            [r["T"] for r in sel], mem, marker="o", label=label, **look
-                        )
+            look = dict(ls="-" if method == "BPTT" else "--" if "warm" in method else ":")
+            for D, b in sorted({(r["D"], r["batch"]) for r in mine}):
+                sel = [r for r in mine if (r["method"], r["D"], r["batch"]) == (method, D, b)]
+                sel.sort(key=lambda r: r["T"])
+                Ts = [r["T"] for r in sel]
+                label = f"{method} D={D} B={b}"
+                axes[0, j].loglog(Ts, [r["time_s"] for r in sel], marker="o", label=label, **look)
+                mem = [r["compiled_mib"] for r in sel]
+                if all(isinstance(m, float) for m in mem):
+                    axes[1, j].loglog(Ts, mem, marker="o", label=label, **look)
         axes[0, j].set(title=f"{case}: one training step", xlabel="T", ylabel="time (s)")
         axes[1, j].set(title="compiled memory", xlabel="T", ylabel="MiB")
         axes[0, j].legend(fontsize="x-small")
@@ -237,27 +248,31 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch", type=number, nargs="+", default=None, help="batch size(s)")
     p.add_argument("--cases", nargs="+", default=None, help="layer_<cell> or lm_<cell>")
     p.add_argument("--max-bytes", type=float, default=8e9, help="skip larger compiled steps")
+    p.add_argument(
+        "--on-failure",
+        choices=("ignore", "fallback"),
+        default="ignore",
+        help="the layers' policy (fallback compiles a sequential branch into the step)",
+    )
     args = parse(p, argv, solver_names=("DEER", "QuasiDEER", "ELK", "QuasiELK", "Picard", "Jacobi"))
-    Ts = args.T or by_mode(args, smoke=[64], quick=[1000, 10000], full=[1000, 10000, 100000])
+    Ts = args.T or by_mode(args, smoke=[32], quick=[1000, 10000], full=[1000, 10000, 100000])
     Ds = args.D or by_mode(args, smoke=[8], quick=[16, 64], full=[16, 64, 256])
     batches = args.batch or by_mode(args, smoke=[2], quick=[4], full=[1, 8, 64])
     cases = args.cases or by_mode(
         args,
-        smoke=["layer_paragru", "lm_paragru"],
+        smoke=["layer_paragru"],
         quick=["layer_paragru", "layer_gru", "lm_paragru"],
         full=["layer_paragru", "layer_paralstm", "layer_gru", "layer_lstm", "lm_paragru", "lm_gru"],
     )
     args.reps = args.reps or by_mode(args, smoke=1, quick=3, full=5)
     rows = []
-    from ._common import dtype_scope
-
     with dtype_scope(args):
         grid = [(c, T, D, b) for c in cases for D in Ds for b in batches for T in Ts]
         for case, T, D, b in progress(grid, desc="configurations"):
             rows += measure(case, T, D, b, args)
     print(f"backend={jax.default_backend()}, {args.dtype}, median of {args.reps} runs")
-    columns = ["case", "T", "D", "batch", "method", "num_steps_per_layer", "time_s",
-               "time_vs_bptt", "compiled_mib", "memory_vs_bptt", "gpu_break_even_T", "status"]  # fmt: skip
+    columns = ["case", "T", "D", "batch", "method", "num_steps_per_layer", "time_s", "time_vs_bptt",
+               "compiled_mib", "memory_vs_bptt", "gpu_break_even_T", "status"]  # fmt: skip
     print(format_table(rows, columns))
     write_csv(args.out / "bench_training.csv", rows)
     plot(rows, args.out / "bench_training.png")

@@ -43,11 +43,11 @@ from ._charlm import (
     CELLS,
     StackLM,
     batch_indices,
-    bptt_eval,
-    forward,
+    bptt_forward,
     optimiser,
-    parallel_eval,
+    parallel_forward,
     windows,
+    with_solver,
     zero_guesses,
 )
 from ._common import (
@@ -75,47 +75,46 @@ def _tree_put(tree, idx, values):
     return jax.tree.map(lambda a, v: a.at[idx].set(v), tree, values)
 
 
-def make_step(evaluate, opt, parallel: bool):
+def make_step(fwd, opt, parallel: bool):
     """The jitted Adam step; for `parallel`, guesses come from the per-example cache."""
 
     @eqx.filter_jit
     def step(model, opt_state, ids, idx, cache):
-        guesses = [_tree_take(c, idx) for c in cache] if parallel else [None] * len(cache)
-        (loss, (states, inputs, iters, conv)), grads = eqx.filter_value_and_grad(
-            forward, has_aux=True
-        )(model, ids, evaluate, guesses)
+        guesses = [_tree_take(c, idx) for c in cache] if parallel else None
+        (loss, aux), grads = eqx.filter_value_and_grad(fwd, has_aux=True)(model, ids, guesses)
         # Optax mixes Python floats with int32 counts; the tests run with strict promotion.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_array))
         model = eqx.apply_updates(model, updates)
         if parallel:
-            cache = [_tree_put(c, idx, s) for c, s in zip(cache, states)]
-        iters = jnp.stack([jnp.max(n) for n in iters])
-        conv = jnp.all(jnp.stack([jnp.all(c) for c in conv]))
-        return model, opt_state, loss, iters, conv, cache, states, inputs
+            cache = [_tree_put(c, idx, s) for c, s in zip(cache, aux["states"])]
+        iters = jnp.stack([jnp.max(n) for n in aux["iters"]])
+        conv = jnp.all(jnp.stack([jnp.all(c) for c in aux["converged"]]))
+        fell_back = sum(jnp.sum(f) for f in aux["fell_back"])
+        return model, opt_state, loss, iters, conv, fell_back, cache, aux["states"]
 
     return step
 
 
-def make_guess_probe(evaluate):
-    """Forward-only iterations (max over the batch) of each layer from other guesses."""
+@eqx.filter_jit
+def probe(model, ids, states, prev):
+    """Forward-only iterations (max over the batch) of each layer from other guesses:
+    `zero`, `prev` (previous step's states, other sequences) and `layer` (the states
+    of the layer below, same sequences). Each block reads the same input as in the
+    training step (the zero-guess output is passed on: equal to tolerance)."""
+    x = jax.vmap(jax.vmap(model.embed))(ids[:, :-1])
+    out = {}
+    for k, block in enumerate(model.stack.blocks):
+        y, zero = block(x)
+        out[f"L{k}_zero"] = jnp.max(zero.num_steps)
+        out[f"L{k}_prev"] = jnp.max(block(x, guess=prev[k])[1].num_steps)
+        if k > 0:
+            out[f"L{k}_layer"] = jnp.max(block(x, guess=states[k - 1])[1].num_steps)
+        x = y
+    return out
 
-    @eqx.filter_jit
-    def probe(model, inputs, states, prev):
-        out = {}
-        for layer, (block, u) in enumerate(zip(model.blocks, inputs)):
-            s0 = block.init_state(model.dtype)
-            solve = lambda u_b, g_b, cell=block.cell, s0=s0: evaluate(cell, u_b, s0, g_b)[1]
-            out[f"L{layer}_zero"] = jnp.max(jax.vmap(solve)(u, None))
-            out[f"L{layer}_prev"] = jnp.max(jax.vmap(solve)(u, prev[layer]))
-            if layer > 0:
-                out[f"L{layer}_layer"] = jnp.max(jax.vmap(solve)(u, states[layer - 1]))
-        return out
 
-    return probe
-
-
-def train(method, model, data, batches, args, *, cell, evaluate, probe_guesses):
+def train(method, model, data, batches, args, *, cell, probe_guesses):
     """One training run; rows per step (loss, iterations per layer, time)."""
     steps = len(batches)
     opt = optimiser(args.lr, steps)
@@ -123,24 +122,25 @@ def train(method, model, data, batches, args, *, cell, evaluate, probe_guesses):
     parallel = method != "BPTT"
     T = data.shape[1] - 1
     cache = zero_guesses(model, data.shape[0], T)
-    step = make_step(evaluate, opt, parallel)
-    probe = make_guess_probe(evaluate) if (parallel and probe_guesses) else None
+    step = make_step(parallel_forward if parallel else bptt_forward, opt, parallel)
     prev = zero_guesses(model, batches.shape[1], T)
+    same_width = len({c.hidden_size for c in model.cells}) == 1
     rows = []
     for i, idx in enumerate(progress(batches, desc=f"{cell} {method}", leave=False)):
         ids = jnp.asarray(data[idx])
         idx = jnp.asarray(idx)
         t0 = time.perf_counter()
-        new_model, opt_state, loss, iters, conv, cache, states, inputs = step(
+        new_model, opt_state, loss, iters, conv, fell_back, cache, states = step(
             model, opt_state, ids, idx, cache
         )
         loss = float(loss)  # blocks until the step is done
         row = dict(cell=cell, method=method, step=i, loss=loss, converged=bool(conv))
         row["step_time_s"] = time.perf_counter() - t0
         if parallel:
+            row["fell_back"] = int(fell_back)
             row.update({f"L{k}_train": int(n) for k, n in enumerate(iters)})
-            if probe is not None:
-                row.update({k: int(v) for k, v in probe(model, inputs, states, prev).items()})
+            if probe_guesses and same_width:
+                row.update({k: int(v) for k, v in probe(model, ids, states, prev).items()})
         rows.append(row)
         model, prev = new_model, states
     return rows
@@ -166,13 +166,11 @@ def run(args) -> tuple[list[dict], list[dict]]:
                 model = StackLM(cell, args.layers, D, D, dtype, key=jax.random.key(args.seed))
                 setup = dict(cell=cell, dtype=dtype_name, layers=args.layers, D=D, T=T)
                 setup.update(batch=batch, examples=len(data), steps=steps, solver=args.solver)
+                model = with_solver(model, solver, rtol=args.rtol, atol=args.atol)
                 curves = {}
-                for method, evaluate in (
-                    ("BPTT", bptt_eval),
-                    (args.solver, parallel_eval(solver, args.rtol, args.atol)),
-                ):
+                for method in ("BPTT", args.solver):
                     curves[method] = train(
-                        method, model, data, batches, args, cell=cell, evaluate=evaluate,
+                        method, model, data, batches, args, cell=cell,
                         probe_guesses=not args.no_probe,
                     )  # fmt: skip
                     for r in curves[method]:
@@ -192,6 +190,7 @@ def summarise(curves: dict[str, list[dict]], setup: dict, epoch: int) -> dict:
     out = dict(setup, max_rel_diff=float(rel.max()), final_loss_bptt=float(bptt[-1]))
     out["final_loss_parallel"] = float(par[-1])
     out["not_converged"] = sum(not r["converged"] for r in curves[method])
+    out["fell_back"] = sum(r["fell_back"] for r in curves[method])
     for m, c in curves.items():
         out[f"step_ms_{'bptt' if m == 'BPTT' else 'parallel'}"] = 1e3 * float(
             np.median([r["step_time_s"] for r in c[1:]] or [np.nan])
