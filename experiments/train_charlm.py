@@ -31,6 +31,7 @@ ParaGRU and the dense GRU (about two minutes on a 2-core CPU).
 
 import argparse
 import time
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -55,7 +56,6 @@ from ._common import (
     format_table,
     number,
     parse,
-    parser,
     progress,
     pyplot,
     save_figure,
@@ -229,7 +229,11 @@ def plot(rows: list[dict], summary: list[dict], path) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    p = parser(__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes, for a CPU in minutes")
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for CSV and PNG")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--T", type=number, nargs=1, default=None, help="sequence length")
     p.add_argument("--D", type=number, nargs=1, default=None, help="width = hidden size")
