@@ -220,7 +220,7 @@ def plot(rows: list[dict], summary: list[dict], path) -> None:
             look = dict(ls="-" if k.endswith("train") else ":", marker="." if "L0" in k else "x")
             ax[2].plot(steps, [r[k] for r in par], label=k.replace("train", "cache"), **look)
         ax[0].set(title=title, xlabel="Adam step", ylabel="loss (nats/char)")
-        ax[1].set(title="|parallel - BPTT| / BPTT", xlabel="Adam step")
+        ax[1].set(title="|parallel - BPTT| / BPTT (0 drawn at 1e-17)", xlabel="Adam step")
         ax[2].set(title=f"{s['solver']} iterations per layer", xlabel="Adam step")
         ax[2].set_ylabel("iterations (max over batch)")
         for a in ax:
