@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._bidirectional import Bidirectional
-from ._layer import RNN, LayerResult
+from ._layer import RNN, LayerResult, zero_padding
 
 
 def per_step(f: Callable, x: Array) -> Array:
@@ -103,9 +103,7 @@ class Block(eqx.Module):
         h = self.dropout(h, key=key, inference=inference)
         y = x + h if self.residual else h
         if lengths is not None:
-            lengths = jnp.asarray(lengths)
-            valid = jnp.arange(x.shape[-2]) < lengths[..., None]
-            y = jnp.where(valid[..., None], y, jnp.zeros_like(y))
+            y = zero_padding(y, jnp.asarray(lengths))
         return y, result
 
 

@@ -70,23 +70,27 @@ def zero_state(cell: Callable, x_t: Array) -> PyTree:
             "`hidden_size` or `state_size`): pass `init_state=`"
         )
     z = jax.ShapeDtypeStruct((n,), x_t.dtype)
+    errors = []
     for candidate in (z, (z, z)):
         try:
             out = eqx.filter_eval_shape(cell, x_t, candidate)
-        except Exception:
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
             continue
         if jtu.tree_structure(out) == jtu.tree_structure(candidate):
             return jtu.tree_map(lambda o: jnp.zeros(o.shape, o.dtype), out)
     raise TypeError(
-        f"cannot tell the state shape of {type(cell).__name__}: neither a ({n},) array "
-        "nor a pair of them is accepted and returned by it; pass `init_state=`"
+        f"cannot tell the state shape of {type(cell).__name__} from input_t of shape "
+        f"{x_t.shape}: neither a ({n},) array nor a pair of them is accepted and "
+        "returned by it (pass `init_state=` if the state is something else, or check "
+        f"the inputs' last axis). Errors: {' | '.join(e[:300] for e in errors)}"
     )
 
 
 def reverse_index(T: int, length) -> Int[Array, " T"]:
     """The permutation reversing the first `length` steps of `T` and fixing the
     padding after them (its own inverse)."""
-    t = jnp.arange(T)
+    t = jnp.arange(T, dtype=jnp.asarray(length).dtype)
     return jnp.where(t < length, length - 1 - t, t)
 
 
@@ -213,7 +217,7 @@ class RNN(eqx.Module):
         if length is None:
             cell, xs = self.cell, x
         else:
-            cell, xs = masked(self.cell), (x, jnp.arange(x.shape[0]) < length)
+            cell, xs = masked(self.cell), (x, jnp.arange(x.shape[0], dtype=length.dtype) < length)
         sol = solve_parallel(
             cell,
             xs,
@@ -233,8 +237,7 @@ class RNN(eqx.Module):
             readout = jax.vmap(readout)
         outputs = readout(states)
         if lengths is not None:
-            valid = jnp.arange(T) < (lengths[:, None] if batched else lengths)
-            outputs = jnp.where(valid[..., None], outputs, jnp.zeros_like(outputs))
+            outputs = zero_padding(outputs, lengths)
         return outputs
 
 
@@ -251,6 +254,13 @@ def _fallback(cell, xs, s0, states, converged, batched):
         return jtu.tree_map(keep, exact_states, states)
 
     return jax.lax.cond(jnp.all(converged), lambda s: s, exact, states)
+
+
+def zero_padding(y: Float[Array, "*B T N"], lengths: Int[Array, "*B"]) -> Array:
+    """`y` with the steps at and past each sequence's length set to zero."""
+    t = jnp.arange(y.shape[-2], dtype=lengths.dtype)
+    valid = t[None, :] < lengths[:, None] if lengths.ndim else t < lengths
+    return jnp.where(valid[..., None], y, jnp.zeros_like(y))
 
 
 def _expand(flag, like):
