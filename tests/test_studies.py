@@ -173,3 +173,25 @@ def test_long_memory_smoke_measures_solvers_against_float32_and_float64(tmp_path
         trace = list(csv.DictReader(f))
     assert len(trace) == max(r["num_steps"] for r in solved.values())
     assert set(trace[0]) == {"iteration", "DEER", "Picard"}
+
+
+def test_train_charlm_smoke_matches_bptt_and_logs_iterations_per_layer(tmp_path):
+    (summary,), _ = _run("train_charlm", tmp_path)
+    # float32, default tolerance: the parallel layers' loss curve is BPTT's.
+    assert summary["max_rel_diff"] < 1e-5
+    assert summary["not_converged"] == 0 and summary["fell_back"] == 0
+    with open(tmp_path / "train_charlm.csv") as f:
+        table = [r for r in csv.DictReader(f) if r["method"] == "DEER"]
+    assert len(table) == summary["steps"]
+    for r in table:
+        assert all(1 <= int(r[k]) <= summary["T"] for k in ("L0_train", "L1_train", "L1_zero"))
+
+
+def test_bench_training_smoke_times_bptt_and_parallel_steps(tmp_path):
+    rows, _ = _run("bench_training", tmp_path)
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"BPTT", "DEER", "DEER warm"}
+    for r in rows:
+        assert r["status"] == "ok" and r["converged"] and r["compiled_mib"] > 0
+    # States one Adam step old are a better first iterate than zeros.
+    assert 1 <= by_method["DEER warm"]["num_steps"] < by_method["DEER"]["num_steps"]
