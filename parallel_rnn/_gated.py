@@ -70,8 +70,11 @@ class GatedJacobian(eqx.Module):
         w = jnp.diagonal(self.weight.reshape(K, m, m), axis1=1, axis2=2)  # (K, m)
         # Row i >= m of tile_p(W_k) E multiplies δ[i mod m], never δ[i].
         w = jnp.concatenate([w, jnp.zeros((K, D - m), w.dtype)], axis=1)
-        w = w.reshape((1,) * (self.coeffs.ndim - 2) + (K, D))
-        return jnp.sum(self.coeffs * w, axis=-2) + blocks_to_diagonal(self.blocks)
+        # A sum of K products, fused into one elementwise pass (as a reduction over
+        # the middle axis XLA:CPU took 35 ms at D = 16, T = 1e5, 2.5 cell evaluations).
+        lead = (1,) * (self.coeffs.ndim - 2)
+        scaled = [self.coeffs[..., k, :] * w[k].reshape(*lead, D) for k in range(K)]
+        return functools.reduce(jnp.add, scaled) + blocks_to_diagonal(self.blocks)
 
 
 def blocks_to_diagonal(blocks: Float[Array, "... n k k"]) -> Float[Array, "... D"]:

@@ -36,6 +36,11 @@ def assess(iterate: Iterate, rtol: float, atol: float) -> Status:
     return globalise_status(Status(converged, frontier, residual, stalled), iterate.fs)
 
 
+def _with_residual(it: Iterate, status: Status) -> Iterate:
+    """`it` carrying the loop's max-norm residual, for the next step to read."""
+    return Iterate(it.states, it.fs, it.jac, status.residual)
+
+
 def _unshared(problem: Problem, n: Int[Array, ""]) -> Problem:
     """`problem` with `0` added to the cell's parameters, a `0` that XLA cannot prove.
 
@@ -113,6 +118,7 @@ def iterate(
     loop_rtol, loop_atol = margin * rtol, margin * atol
     it, solver_state = solver.init(problem, guess)
     status = assess(it, loop_rtol, loop_atol)
+    it = _with_residual(it, status)
     history = jnp.full((max_steps,), jnp.nan, guess.dtype) if trace else None
 
     def cond(carry):
@@ -126,6 +132,7 @@ def iterate(
         it, solver_state, n, status, history = carry
         it, solver_state = solver.step(problem, it, solver_state, status.frontier)
         status = assess(it, loop_rtol, loop_atol)
+        it = _with_residual(it, status)
         if history is not None:
             history = history.at[n].set(status.residual.astype(history.dtype))
         return it, solver_state, n + 1, status, history

@@ -186,14 +186,17 @@ def _parallel_smoother(A, b, m, P, dense, associative=True):
 # D, and the LAPACK ones go to a multithreaded BLAS, which on a busy machine
 # spends more time synchronising its threads than solving a 64×64 system.
 # Every matrix solved here is symmetric positive definite with eigenvalues >= 1
-# (I + λP⁻ and A P Aᵀ + I), for which elimination without pivoting is stable, so:
+# (I + λP⁻ and A P Aᵀ + I), for which elimination without pivoting is stable, so
+# no LAPACK call is made:
 # - up to D = 8 products are fused multiply-and-sums and solves Gauss–Jordan
 #   sweeps in plain array ops;
+# - below D = _BLOCKED solves are Gauss–Jordan sweeps that eliminate two
+#   columns at a time (half as many dependent steps, each one fused loop):
+#   at D = 16 the filter step costs about half what LAPACK's LU did;
 # - from D = _BLOCKED the solve is a blocked Gauss–Jordan whose work is nearly
 #   all XLA dots: as fast as single-threaded LAPACK at D = 64 and 128, and 2-4x
 #   less CPU time than `jnp.linalg.solve` with the default BLAS threads on a
-#   loaded machine (and it does not vary with the load);
-# - in between, `jnp.linalg.solve`.
+#   loaded machine (and it does not vary with the load).
 # Measurements: docs/performance.md.
 
 _SMALL = 8
@@ -217,6 +220,31 @@ def _gauss_jordan(M: Float[Array, "D D"], R: Float[Array, "D K"]) -> Float[Array
 
     _, R = lax.fori_loop(0, D, eliminate, (M, R), unroll=True)
     return R
+
+
+def _paired_gauss_jordan(M: Float[Array, "D D"], R: Float[Array, "D K"]) -> Float[Array, "D K"]:
+    """`M⁻¹ R` for SPD `M`: Gauss–Jordan on `[M | R]` eliminating two columns per step.
+
+    Each step solves the `2×2` pivot block in closed form on its two rows and
+    subtracts their rank-2 update from the other rows: elementwise work that XLA
+    fuses into a loop or two, so a `D×D` solve is about `D/2` small kernels.
+    """
+    D = M.shape[-1]
+    X = jnp.concatenate([M, R], axis=-1)
+    rows = jnp.arange(D)[:, None]
+    for k in range(0, D, 2):
+        n = min(2, D - k)
+        pivot = X[k : k + n]
+        if n == 2:
+            a, b, c, d = X[k, k], X[k, k + 1], X[k + 1, k], X[k + 1, k + 1]
+            det = a * d - b * c
+            pivot = jnp.stack([d * pivot[0] - b * pivot[1], a * pivot[1] - c * pivot[0]]) / det
+        else:
+            pivot = pivot / X[k, k]
+        col = jnp.where((rows >= k) & (rows < k + n), 0, X[:, k : k + n])
+        X = X - jnp.sum(col[:, :, None] * pivot[None], axis=1)
+        X = X.at[k : k + n].set(pivot)
+    return X[:, D:]
 
 
 def _block_gauss_jordan(M: Float[Array, "D D"], R: Float[Array, "D K"]) -> Float[Array, "D K"]:
@@ -258,7 +286,7 @@ def _spd_solve(M: Float[Array, "D D"], R: Float[Array, "D K"]) -> Float[Array, "
         return _gauss_jordan(M, R)
     if D >= _BLOCKED:
         return _block_gauss_jordan(M, R)
-    return jnp.linalg.solve(M, R)
+    return _paired_gauss_jordan(M, R)
 
 
 # ---------------------------------------------------------------------------
@@ -278,24 +306,29 @@ def _small_mv(a, x):
 
 
 def _sequential_filter(A, b, y, lam, dense):
-    D = b.shape[-1]
+    T, D = b.shape
     eye = jnp.eye(D, dtype=b.dtype)
-    # ELK pins its solved prefix with λ_t = inf: there the posterior is N(y_t, 0)
-    # whatever the prediction, and after a pinned step the prediction's
-    # covariance is exactly I. A dense step that follows a pinned one (or is the
-    # first) and is pinned itself is therefore skipped (`lax.cond` runs one branch
-    # on every backend; under `vmap` it becomes a select, computing both), which
-    # saves the O(D³) work on the whole solved prefix.
-    skip_pinned = dense and D > _SMALL
 
     def update(m, P, A_t, b_t, y_t, lam_t):
         pinned = jnp.isinf(lam_t)
         lam = jnp.where(pinned, 0, lam_t)
-        if dense:
-            m_pred = _small_mv(A_t, m) + b_t
-            P_pred = _sym(_small_mm(_small_mm(A_t, P), _t(A_t))) + eye
+        if dense and D < _BLOCKED:
+            # One product for the mean and the covariance, A [P | m]; and with
+            # M = I + λP⁻, P = M⁻¹P⁻ and m = m⁻ + λP(y - m⁻) = M⁻¹(m⁻ + λP⁻y): one
+            # solve with D + 1 right-hand sides gives both. (From D = _BLOCKED on,
+            # where the work is in the dots, the odd width D + 1 made them ~10%
+            # slower: there the product and the solve are D wide.)
+            AX = _small_mm(A_t, jnp.concatenate([P, m[:, None]], axis=-1))
+            m_pred = AX[:, D] + b_t
+            P_pred = _sym(_small_mm(AX[:, :D], _t(A_t))) + eye
+            rhs = jnp.concatenate([P_pred, (m_pred + lam * _small_mv(P_pred, y_t))[:, None]], -1)
+            X = _spd_solve(eye + lam * P_pred, rhs)
+            P, m = _sym(X[:, :D]), X[:, D]
+        elif dense:
+            m_pred = _mv(A_t, m) + b_t
+            P_pred = _sym(_mm(_mm(A_t, P), _t(A_t))) + eye
             P = _sym(_spd_solve(eye + lam * P_pred, P_pred))
-            m = m_pred + lam * _small_mv(P, y_t - m_pred)
+            m = m_pred + lam * _mv(P, y_t - m_pred)
         else:
             m_pred = A_t * m + b_t
             P_pred = A_t**2 * P + 1
@@ -306,33 +339,41 @@ def _sequential_filter(A, b, y, lam, dense):
         P = jnp.where(pinned, 0, P)
         return m, P, m_pred, P_pred
 
-    def pinned_update(m, P, A_t, b_t, y_t, lam_t):
-        # `update` when λ_t = inf and P_{t-1} = 0, without the O(D³) work.
-        return y_t, jnp.zeros_like(P), _small_mv(A_t, m) + b_t, eye
+    # ELK pins its solved prefix with λ_t = inf: there the posterior is N(y_t, 0)
+    # whatever came before, so the recursion starts after the leading pinned
+    # steps, from m = y (or m_0 = 0), P = 0; pinned steps further on go through
+    # `update`. This skips the O(D³) work on the whole solved prefix at no cost
+    # per step (a `lax.cond` per step cost 15% of the dense step at D = 16).
+    # On the prefix the predictions are never read (the smoother's gain is 0
+    # there); they are set to N(0, I). m_0 = 0, P_0 = 0 make the first
+    # prediction N(b_1, I) whatever A_1 is.
+    pinned = jnp.isinf(lam)
+    start = jnp.where(jnp.all(pinned), T, jnp.argmin(pinned))
+    m_init = jnp.where(start > 0, y[jnp.maximum(start - 1, 0)], 0)
+    P_init = jnp.zeros(A.shape[1:], b.dtype)
+    out = (
+        jnp.where(pinned[:, None], y, 0),
+        jnp.zeros((T, *A.shape[1:]), b.dtype),
+        jnp.zeros_like(b),
+        jnp.broadcast_to(eye if dense else jnp.ones_like(b[0]), (T, *A.shape[1:])),
+    )
 
-    def step(carry, inp):
-        m, P, exact = carry  # exact: P = 0 from a pinned step (or the start)
-        A_t, b_t, y_t, lam_t = inp
-        pinned = jnp.isinf(lam_t)
-        if skip_pinned:
-            m, P, m_pred, P_pred = lax.cond(
-                pinned & exact, pinned_update, update, m, P, A_t, b_t, y_t, lam_t
-            )
-        else:
-            m, P, m_pred, P_pred = update(m, P, A_t, b_t, y_t, lam_t)
-        return (m, P, pinned), (m, P, m_pred, P_pred)
+    def body(t, carry):
+        m, P, out = carry
+        m, P, m_pred, P_pred = update(m, P, A[t], b[t], y[t], lam[t])
+        out = tuple(o.at[t].set(v) for o, v in zip(out, (m, P, m_pred, P_pred)))
+        return m, P, out
 
-    # m_0 = 0, P_0 = 0 makes the first prediction N(b_1, I) whatever A_1 is.
-    zero_P = jnp.zeros(A.shape[1:], b.dtype)
-    init = (jnp.zeros_like(b[0]), zero_P, jnp.asarray(True))
-    _, out = lax.scan(step, init, (A, b, y, lam))
+    _, _, out = lax.fori_loop(start, T, body, (m_init, P_init, out))
     return out
 
 
 def _sequential_smoother(A, m, P, m_pred, P_pred, lam, dense):
-    skip_pinned = dense and m.shape[-1] > _SMALL
+    T = m.shape[0]
 
     def update(ms, Ps, m_t, P_t, F, mp, Pp):
+        # A pinned step has P_t = 0, hence E = 0: the smoothed posterior is the
+        # filtered one, N(m_t, 0), exactly.
         if dense:
             E = _t(_spd_solve(Pp, _small_mm(F, P_t)))  # P_t Fᵀ Pp⁻¹
             ms = m_t + _small_mv(E, ms - mp)
@@ -343,23 +384,19 @@ def _sequential_smoother(A, m, P, m_pred, P_pred, lam, dense):
             Ps = P_t + E**2 * (Ps - Pp)
         return ms, Ps
 
-    def pinned_update(ms, Ps, m_t, P_t, F, mp, Pp):
-        # A pinned step has P_t = 0, hence E = 0: the smoothed posterior is the
-        # filtered one, N(m_t, 0), without the O(D³) work.
-        return m_t, P_t
+    # Backwards from T - 1 down to the end of the pinned prefix, where the
+    # smoothed posterior is the filtered one (see `_sequential_filter`).
+    pinned = jnp.isinf(lam)
+    start = jnp.where(jnp.all(pinned), T, jnp.argmin(pinned))
 
-    def step(carry, inp):
-        ms, Ps = carry
-        pinned, *rest = inp
-        if skip_pinned:
-            ms, Ps = lax.cond(pinned, pinned_update, update, ms, Ps, *rest)
-        else:
-            ms, Ps = update(ms, Ps, *rest)
-        return (ms, Ps), (ms, Ps)
+    def body(i, carry):
+        t = T - 2 - (i - start)  # T - 2, T - 3, ..., start
+        ms, Ps, out_m, out_P = carry
+        ms, Ps = update(ms, Ps, m[t], P[t], A[t + 1], m_pred[t + 1], P_pred[t + 1])
+        return ms, Ps, out_m.at[t].set(ms), out_P.at[t].set(Ps)
 
-    inp = (jnp.isinf(lam[:-1]), m[:-1], P[:-1], A[1:], m_pred[1:], P_pred[1:])
-    _, (ms, Ps) = lax.scan(step, (m[-1], P[-1]), inp, reverse=True)
-    return jnp.concatenate([ms, m[-1:]]), jnp.concatenate([Ps, P[-1:]])
+    _, _, ms, Ps = lax.fori_loop(start, T - 1, body, (m[-1], P[-1], m, P))
+    return ms, Ps
 
 
 # ---------------------------------------------------------------------------

@@ -121,7 +121,7 @@ class Problem(eqx.Module):
 
     def evaluate(self, states: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """`f(x_t, s_{t-1})` for every `t`: one batched cell evaluation."""
-        return jax.vmap(self.fn)(self.inputs, self.shift(states))
+        return batched(self.fn, self.inputs, self.shift(states))
 
     def linearise_dense(
         self, states: Float[Array, "T D"]
@@ -183,11 +183,11 @@ class Problem(eqx.Module):
                 value, diag = value_and_diag(x, spec.unravel(s))
                 return spec.ravel(value), spec.ravel(diag)
 
-            return jax.vmap(both)(self.inputs, prev)
+            return batched(both, self.inputs, prev)
         structured = self._structured_diagonal()
         if structured is not None:
-            return jax.vmap(structured)(self.inputs, prev)
-        fs = jax.vmap(self.fn)(self.inputs, prev)
+            return batched(structured, self.inputs, prev)
+        fs = batched(self.fn, self.inputs, prev)
         return fs, self._plain_diagonal(prev)  # the jaxpr analysis has already failed
 
     def linearise_exact(
@@ -249,6 +249,43 @@ class Problem(eqx.Module):
             lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), self.inputs
         )
         return structured_value_and_diagonal(self.fn, step, self.init)
+
+
+# Batched evaluations on CPU run in chunks of about this many state entries:
+# `lax.map` over `vmap`ped chunks of time steps. The gates, projections and other
+# `T × k·D` temporaries of a cell then live one chunk at a time, and the chunks
+# fit in cache. Measured (GRU, D = 16, T = 1e5, float32, 2-core CPU): QuasiDEER's
+# compiled peak 97.6 MB to 52.8 MB without the polish, and its solve no slower
+# (CPU time 350-370 ms against 400-420 ms). The gated linearisation stays one `vmap`:
+# chunked, DEER's iteration took 15-25% longer. 0 disables chunking.
+CHUNK_ELEMENTS = 2**18
+
+
+def _chunk_length(T: int, D: int) -> int | None:
+    """Time steps per chunk (a divisor of `T`, so that chunks stack without
+    copies), or `None` for one `vmap` (not on CPU, short `T`, or no divisor near
+    the target: a prime `T`)."""
+    rows = max(1, CHUNK_ELEMENTS // max(D, 1))
+    if not CHUNK_ELEMENTS or T <= rows or jax.default_backend() != "cpu":
+        return None
+    for b in range(rows, rows // 2, -1):
+        if T % b == 0:
+            return b
+    return None
+
+
+def batched(f: Callable, inputs: PyTree, prev: Float[Array, "T D"]) -> PyTree:
+    """`jax.vmap(f)(inputs, prev)`, in chunks of time steps on CPU (`CHUNK_ELEMENTS`)."""
+    T = prev.shape[0]
+    b = _chunk_length(T, prev.shape[1])
+    if b is None:
+        return jax.vmap(f)(inputs, prev)
+
+    def split(a):
+        return a.reshape(T // b, b, *a.shape[1:])
+
+    out = jax.lax.map(lambda a: jax.vmap(f)(*a), jax.tree_util.tree_map(split, (inputs, prev)))
+    return jax.tree_util.tree_map(lambda a: a.reshape(T, *a.shape[2:]), out)
 
 
 def _basis_products(

@@ -155,7 +155,7 @@ def test_traced_precision_and_shape_errors():
         _kalman.kalman_smoother(A[:, :2], b, 0.3)
 
 
-@pytest.mark.parametrize("D", [1, 5, 40], ids=["D1", "D5", "D40-blocked"])
+@pytest.mark.parametrize("D", [1, 5, 17, 40], ids=["D1", "D5", "D17-paired", "D40-blocked"])
 def test_spd_solve_matches_dense_solve(D):
     # The kind of matrix the sequential recursions solve: I + λ A Aᵀ, badly scaled.
     A = jax.random.normal(jax.random.key(7), (D, D), jnp.float64)
@@ -197,8 +197,10 @@ def _sequential_both(A, b, lam, y):
     )
 
 
-def test_pinned_steps_skipped_exactly():
-    D = 33  # blocked solves, padded
+@pytest.mark.parametrize("D", [13, 33], ids=["D13-paired", "D33-blocked"])
+def test_pinned_steps_skipped_exactly(D):
+    # D = 13: products and the paired solve with D + 1 right-hand sides (odd D:
+    # the last pivot is single); D = 33: blocked solves, padded.
     # ELK's λ_t: inf on a solved prefix (skipped by the sequential form when D > 8)
     # and, to reach the general case too, on one isolated later step. (The
     # associative form is checked against the oracle above.)
@@ -215,3 +217,27 @@ def test_pinned_steps_skipped_exactly():
     np.testing.assert_allclose(Ps, P_s, rtol=0, atol=1e-10)
     np.testing.assert_array_equal(mf[:2], y[:2])  # exact observations
     np.testing.assert_array_equal(Ps[:2], 0)
+
+
+@jax.jit
+@jax.vmap
+def _batched_sequential_filter(A, b, lam, y):
+    return _kalman.kalman_filter(A, b, lam, y, method="sequential")
+
+
+def test_paired_solve_filter_float32_under_vmap_matches_oracle():
+    # The sequential dense step for 8 < D < 32 (one product A[P | m], one paired
+    # Gauss–Jordan solve for covariance and mean) in float32, batched by vmap
+    # (where the pinned-step `lax.cond` becomes a select), against the float64 oracle.
+    T_, D_ = 6, 12
+    kA, kb, ky = jax.random.split(jax.random.key(5), 3)
+    A = 1.3 * jax.random.normal(kA, (2, T_, D_, D_), jnp.float32) / D_**0.5
+    b = jax.random.normal(kb, (2, T_, D_), jnp.float32)
+    y = jax.random.normal(ky, (2, T_, D_), jnp.float32)
+    lam = jnp.array([[jnp.inf, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3], [0.7] * T_], jnp.float32)
+    m, P = _batched_sequential_filter(A, b, lam, y)
+    assert m.dtype == P.dtype == jnp.float32
+    for i in range(2):
+        m_f, P_f, _, _ = oracle(A[i], b[i], y[i], np.asarray(lam[i]))
+        np.testing.assert_allclose(m[i], m_f, rtol=0, atol=1e-4 * np.abs(m_f).max())
+        np.testing.assert_allclose(P[i], P_f, rtol=0, atol=1e-4 * np.abs(P_f).max())

@@ -18,12 +18,22 @@ class Iterate(eqx.Module):
     - `states`: `(T, D)`, the current `s_1..s_T`;
     - `fs`: `(T, D)`, `f(x_t, s_{t-1})` at `states` (so the residual is `states - fs`);
     - `jac`: the solver's linearisation at `states` (dense `(T, D, D)`, diagonal
-      `(T, D)`, or `None`), kept so the next step need not evaluate the cell again.
+      `(T, D)`, or `None`), kept so the next step need not evaluate the cell again;
+    - `residual`: `max |states - fs|` (`inf` if not finite), set by the loop from
+      its own convergence check so that a step need not compute it again; `None`
+      on an iterate a solver has just built.
     """
 
     states: Float[Array, "T D"]
     fs: Float[Array, "T D"]
     jac: PyTree
+    residual: Float[Array, ""] | None = None
+
+    def current_residual(self) -> Float[Array, ""]:
+        """`residual`, or `max |states - fs|` where the loop has not set it."""
+        if self.residual is not None:
+            return self.residual
+        return max_residual(self.states, self.fs)
 
 
 class AbstractSolver(eqx.Module):

@@ -1,9 +1,9 @@
 """DEER (Newton) and quasi-DEER (diagonal quasi-Newton)."""
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
-from .._gated import dense_diagonal, is_dense
+from .._gated import GatedJacobian, dense_diagonal, is_dense
 from .._problem import Problem
 from .._scan import Method, diagonal_recurrence, linear_recurrence
 from .._shard import (
@@ -80,9 +80,38 @@ class DEER(AbstractLinearisedSolver):
         diag = dense_diagonal(jac)
         quasi_step = diagonal_recurrence(diag, rhs, method=self.scan)
         quasi = safeguard(iterate.states + quasi_step, iterate, frontier)
-        states = splice(newton, problem.evaluate(newton), quasi, problem.evaluate(quasi))
-        fs, jac = self.linearise(problem, states)
+        if not isinstance(jac, GatedJacobian):
+            # A dense `(T, D, D)` linearisation costs far more than an evaluation:
+            # evaluate both proposals, and linearise only the spliced trajectory.
+            c = split_point(newton, problem.evaluate(newton), quasi, problem.evaluate(quasi))
+            states = _before(c, newton, quasi)
+            fs, jac = self.linearise(problem, states)
+            return Iterate(states, fs, jac), state
+        # A gated linearisation costs about one evaluation (the gates give the value
+        # and the Jacobian's coefficients together): linearise both proposals and
+        # splice values and Jacobians too. At `t <= c` the spliced trajectory's
+        # `f(x_t, s_{t-1})` and `A_t` are taken at `s_{t-1}` = `newton`'s, later at
+        # `quasi`'s, so no third evaluation is needed.
+        f_newton, jac_newton = self.linearise(problem, newton)
+        f_quasi, jac_quasi = self.linearise(problem, quasi)
+        c = split_point(newton, f_newton, quasi, f_quasi)
+        states = _before(c, newton, quasi)
+        fs = _before(c + 1, f_newton, f_quasi)
+        jac = _before_gated(c + 1, jac_newton, jac_quasi)
         return Iterate(states, fs, jac), state
+
+
+def _before_gated(c: Int[Array, ""], first, second) -> GatedJacobian:
+    """`_before` on each step's factors (the weight is the cell's, shared)."""
+    assert isinstance(first, GatedJacobian) and isinstance(second, GatedJacobian)
+    coeffs = _before(c, first.coeffs, second.coeffs)
+    return GatedJacobian(first.weight, coeffs, _before(c, first.blocks, second.blocks))
+
+
+def _before(c: Int[Array, ""], first: Array, second: Array) -> Array:
+    """`first` at (global) times `t < c`, `second` from `c` on."""
+    t = time_index(first.shape[0]).reshape(-1, *([1] * (first.ndim - 1)))
+    return jnp.where(t < c, first, second)
 
 
 def _row_residuals(states: Float[Array, "T D"], fs: Float[Array, "T D"]) -> Float[Array, " T"]:
@@ -96,8 +125,18 @@ def splice(
     second: Float[Array, "T D"],
     f_second: Float[Array, "T D"],
 ) -> Float[Array, "T D"]:
-    """`first` on `[0, c)` and `second` on `[c, T)`, for the `c` in `0..T` whose
-    trajectory has the smallest max-norm residual (the largest such `c`).
+    """`first` on `[0, c)` and `second` on `[c, T)`, `c = split_point(...)`."""
+    return _before(split_point(first, f_first, second, f_second), first, second)
+
+
+def split_point(
+    first: Float[Array, "T D"],
+    f_first: Float[Array, "T D"],
+    second: Float[Array, "T D"],
+    f_second: Float[Array, "T D"],
+) -> Int[Array, ""]:
+    """The `c` in `0..T` for which `first` on `[0, c)` and `second` on `[c, T)` has
+    the smallest max-norm residual (the largest such `c`).
 
     `f_first`, `f_second` are the cell evaluated on each (`f(x_t, s_{t-1})`). The
     spliced trajectory's residual is `first`'s before `c`, `second`'s after `c`,
@@ -116,8 +155,7 @@ def splice(
     best = jnp.minimum(time_min(jnp.min(merit)), all_first)
     t = time_index(first.shape[0])
     c = time_max(jnp.max(jnp.where(merit <= best, t, -1)))
-    c = jnp.where(all_first <= best, global_length(first.shape[0]), c)
-    return jnp.where((t < c)[:, None], first, second)
+    return jnp.where(all_first <= best, global_length(first.shape[0]), c)
 
 
 class QuasiDEER(AbstractLinearisedSolver):

@@ -144,7 +144,7 @@ class _AbstractELK(AbstractSolver):
             # it when it did. Rejecting steps or the global ½‖r‖² merit wasted
             # iterations: far from the frontier the residual of a useful step can
             # still grow for a while.
-            improved = max_residual(proposal, fs_new) <= max_residual(s, iterate.fs)
+            improved = max_residual(proposal, fs_new) <= iterate.current_residual()
             lam = jnp.where(improved, state.lam / 2, state.lam * 2)
             lam = jnp.clip(lam, _RESIDUAL_LAMBDA_MIN, _RESIDUAL_LAMBDA_MAX)
             return Iterate(proposal, fs_new, jac_new), _DampingState(lam.astype(s.dtype), state.nu)
