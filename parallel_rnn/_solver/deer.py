@@ -1,5 +1,7 @@
 """DEER (Newton) and quasi-DEER (diagonal quasi-Newton)."""
 
+from typing import Literal
+
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -49,12 +51,21 @@ class DEER(AbstractLinearisedSolver):
     iterations without, 33 with. On a cell with a declared diagonal or block
     structure the Newton step is already cheap and is taken as it is.
 
+    `globalise="picard"` splices with the Picard step `s_t ← f(x_t, s_{t-1})`
+    instead of the quasi-Newton one: no scan, and always as finite as the cell.
+    It is meant for `MultipleShooting(solver=DEER(globalise="picard"))`, where the
+    unknowns are chunk entries: the diagonal of a chunk map's Jacobian is a
+    product of `L` step diagonals, which explodes or vanishes, while the Picard
+    step moves every entry to its predecessor's exact chunk end
+    (docs/accuracy.md).
+
     **Arguments:**
 
     - `scan`: `"auto"` (sequential on CPU, associative elsewhere), `"associative"`
       or `"sequential"`: how the linear recurrence of each step is evaluated.
     - `globalise`: splice, every iteration, the Newton and the quasi-Newton
-      proposals as above (default `True`); `False` gives textbook DEER.
+      proposals as above (default `True`, the same as `"quasi"`); `"picard"`
+      splices with the Picard step instead; `False` gives textbook DEER.
 
     ??? cite "Reference"
         Lim, Zhu, Selfridge, Kasim. *Parallelizing non-linear sequential models
@@ -62,8 +73,14 @@ class DEER(AbstractLinearisedSolver):
     """
 
     scan: Method = "auto"
-    globalise: bool = True
+    globalise: bool | Literal["quasi", "picard"] = True
     jacobian = "dense"
+
+    def __check_init__(self):
+        if self.globalise not in (True, False, "quasi", "picard"):
+            raise ValueError(
+                f"`globalise` must be True, False, 'quasi' or 'picard', got {self.globalise!r}"
+            )
 
     def linearise(self, problem: Problem, states):
         return problem.linearise_exact(states)  # dense, or the cell's exact structure
@@ -77,9 +94,11 @@ class DEER(AbstractLinearisedSolver):
             return super().step(problem, iterate, state, frontier)
         rhs = iterate.fs - iterate.states
         newton = safeguard(iterate.states + self.correction(jac, rhs), iterate, frontier)
-        diag = dense_diagonal(jac)
-        quasi_step = diagonal_recurrence(diag, rhs, method=self.scan)
-        quasi = safeguard(iterate.states + quasi_step, iterate, frontier)
+        if self.globalise == "picard":
+            quasi = safeguard(iterate.fs, iterate, frontier)
+        else:
+            quasi_step = diagonal_recurrence(dense_diagonal(jac), rhs, method=self.scan)
+            quasi = safeguard(iterate.states + quasi_step, iterate, frontier)
         if not isinstance(jac, GatedJacobian):
             # A dense `(T, D, D)` linearisation costs far more than an evaluation:
             # evaluate both proposals, and linearise only the spliced trajectory.

@@ -87,8 +87,12 @@ class MultipleShooting(AbstractSolver):
 
     - `chunk`: `L`, the chunk length; default `⌈√T⌉`. `L = T` is the sequential scan
       (0 iterations); `L = 1` is `solver` itself.
-    - `solver`: the solver of the chunk recurrence (default `DEER()`). `ELK()` damps
-      the boundary steps; `QuasiDEER()` uses the products of diagonals (`O(1)`
+    - `solver`: the solver of the chunk recurrence (default `DEER()`).
+      `DEER(globalise="picard")` splices Newton with the Picard step (each entry
+      moved to its predecessor's chunk end) instead of with the diagonal of the
+      chunk Jacobians, a product of `L` step diagonals that explodes or vanishes:
+      on autoregressive models it needs far fewer iterations at large `T`
+      (docs/accuracy.md). `ELK()` damps the boundary steps; `QuasiDEER()` uses the products of diagonals (`O(1)`
       passes per iteration instead of `D + 1`, more iterations). Must not itself be
       a `MultipleShooting`.
     - `scan`: how the gradient's linear recurrences are evaluated (as for `DEER`);
