@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._bidirectional import Bidirectional
-from ._layer import RNN, LayerResult, zero_padding, zero_state
+from ._layer import RNN, LayerResult, check_lengths, zero_padding, zero_state
 
 
 def per_step(f: Callable, x: Array) -> Array:
@@ -95,6 +95,8 @@ class Block(eqx.Module):
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
     ) -> tuple[Array, LayerResult]:
+        if lengths is not None:
+            lengths = check_lengths(lengths, x.shape)
         h = x if self.norm is None else per_step(self.norm, x)
         h, result = self.layer(h, lengths=lengths, guess=guess)
         if self.projection is not None:
@@ -102,7 +104,7 @@ class Block(eqx.Module):
         h = self.dropout(h, key=key, inference=inference)
         y = x + h if self.residual else h
         if lengths is not None:
-            y = zero_padding(y, jnp.asarray(lengths))
+            y = zero_padding(y, lengths)
         return y, result
 
 
