@@ -206,17 +206,23 @@ def _unbatched_and_vmapped(layer, x, lengths):
 
 
 def test_unbatched_and_user_vmap():
-    """`jax.vmap` over the unbatched layer with scalar lengths equals the scan model;
-    so does one unpadded `(T, M)` sequence from a given initial state."""
+    """`jax.vmap` over the unbatched layer with traced scalar `int8` lengths equals the
+    scan model, with `T` = 140 > 127 (an `int8` step index `arange(T)` cannot be
+    formed: the layer used to raise `OverflowError` there); so does one unpadded
+    `(T, M)` sequence from a given initial state. A traced negative length raises
+    at run time."""
     layer = make_rnn("eqx_gru", prnn.DEER(), jnp.float64, reverse=True, on_failure="ignore")
-    x = jax.random.normal(jax.random.key(1), (B, T, M))
-    (y_v, r_v), (y1, r1) = _unbatched_and_vmapped(layer, x, jnp.asarray(LENGTHS))
-    o_y, _ = oracle_direction(layer.cell, x, LENGTHS, True)
+    lengths = np.array([127, 7, 1, 0])
+    x = jax.random.normal(jax.random.key(1), (B, 140, M))
+    (y_v, r_v), (y1, r1) = _unbatched_and_vmapped(layer, x, jnp.asarray(lengths, jnp.int8))
+    o_y, _ = oracle_direction(layer.cell, x, lengths, True)
     _close(y_v, o_y, _tol(jnp.float64))
     assert r_v.num_steps.shape == (B,) and np.all(r_v.converged)
     ref = scan_reference(layer.cell, x[0][::-1], jnp.full(D, 0.3))[::-1]
     _close(y1, ref, _tol(jnp.float64))
     assert r1.num_steps.shape == ()
+    with pytest.raises(Exception, match="lengths"):
+        _unbatched_and_vmapped(layer, x, jnp.array([3, -1, 1, 0], jnp.int8))
 
 
 POLICY_LAYERS = {
@@ -368,24 +374,6 @@ def test_shapes_and_dtypes_traced():
     lengths = jnp.asarray(LENGTHS)
     y, r = eqx.filter_eval_shape(lambda x: layer(x, lengths=lengths), jnp.zeros((B, T, M), int))
     assert (y.shape, y.dtype, r.states.dtype) == ((B, T), jnp.float32, jnp.float32)
-
-
-@eqx.filter_jit
-def _reverse_small_int_lengths(layer, x, lengths):
-    return layer(x, lengths=lengths)
-
-
-def test_small_integer_lengths_past_their_range_and_checked_at_run_time():
-    """`int8` lengths with `T` = 140 > 127 (where an `int8` step index would wrap to
-    negative values, all "valid") match the scan model; a traced negative length
-    raises at run time."""
-    layer = make_rnn("gru", prnn.DEER(), jnp.float64, reverse=True, on_failure="ignore")
-    x = jax.random.normal(jax.random.key(1), (2, 140, M))
-    y, r = _reverse_small_int_lengths(layer, x, jnp.array([127, 100], jnp.int8))
-    o_y, _ = oracle_direction(layer.cell, x, [127, 100], True)
-    _close(y, o_y, _tol(jnp.float64))
-    with pytest.raises(Exception, match="lengths"):
-        _reverse_small_int_lengths(layer, x, jnp.array([-1, 3], jnp.int8))
 
 
 class _Registered(_Plain):

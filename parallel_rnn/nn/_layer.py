@@ -298,8 +298,9 @@ def check_lengths(lengths, shape: tuple[int, ...]) -> Int[Array, "*B"]:
         if np.any(values < 0) or np.any(values > T):
             raise ValueError(f"{message}; got {values}")
         return jnp.asarray(values, jnp.int32)
-    # Compared in their own dtype (a cast first could wrap), then cast: int8
-    # lengths would otherwise make the step indices `arange(T)` overflow.
+    # Compared in their own dtype (a cast first could wrap), then cast: the step
+    # indices `arange(T)` are made in the lengths' dtype, which for int8 cannot
+    # hold T > 127.
     bad = lengths < 0
     if T < jnp.iinfo(dtype).max:
         bad = bad | (lengths > T)
