@@ -310,7 +310,7 @@ def test_stack_matches_scan_model():
     """A two-block stack (RMSNorm + GRU; LayerNorm + reverse Elman) equals the
     same model written with `lax.scan`, in outputs and gradients, on a padded batch;
     its results fed back as warm starts give the same loss with no iterations;
-    dropout asks for its key."""
+    dropout asks for its key before a solve is traced."""
     stack = make_stack(jnp.float64)
     x = jax.random.normal(jax.random.key(1), (B, T, 5))
     weight = jax.random.normal(jax.random.key(2), (B, T, 5))
@@ -337,7 +337,7 @@ def test_stack_matches_scan_model():
     _close(value2, value, tol)
     assert all(np.all(r.num_steps == 0) for r in results2)
     with pytest.raises(RuntimeError, match="key"):
-        eqx.filter_eval_shape(lambda s, x: s(x, lengths=lengths), stack, x)
+        stack(x, lengths=lengths)
 
 
 def test_trace_time_errors():
@@ -370,7 +370,7 @@ def test_trace_time_errors():
 def test_shapes_and_dtypes_traced():
     """Traced only: integer inputs are cast to the parameters' dtype; a readout with a
     scalar per step gives `(B, T)` outputs, zero-padded without broadcasting."""
-    layer = make_rnn("gru", prnn.DEER(), jnp.float32, readout=lambda s: s[0])
+    layer = make_rnn("gru", prnn.DEER(), jnp.float32, readout=lambda s: s[0], on_failure="ignore")
     lengths = jnp.asarray(LENGTHS)
     y, r = eqx.filter_eval_shape(lambda x: layer(x, lengths=lengths), jnp.zeros((B, T, M), int))
     assert (y.shape, y.dtype, r.states.dtype) == ((B, T), jnp.float32, jnp.float32)
