@@ -18,8 +18,8 @@ from parallel_rnn import nn
 from .helpers import scan_reference
 
 
-B, T, M, D = 3, 12, 3, 4
-LENGTHS = np.array([12, 7, 1])
+B, T, M, D = 4, 12, 3, 6
+LENGTHS = np.array([12, 7, 1, 0])  # full, padded, one step, all padding
 
 
 class _Plain(eqx.Module):
@@ -119,7 +119,17 @@ def layer_loss_and_grads(layer, x, lengths, weight):
     return value, y, result, g_layer, g_x
 
 
-def oracle_loss_and_grads(cells, x, lengths, direction, weight):
+_ORACLES = {}
+
+
+def oracle_loss_and_grads(cells, x, lengths, direction, weight, *, cache_key=None):
+    """The scan model's loss, outputs, states and gradients; with `cache_key`, computed
+    once per key (tests that share a model, inputs and weights share its compilation)."""
+    if cache_key is not None:
+        if cache_key not in _ORACLES:
+            _ORACLES[cache_key] = oracle_loss_and_grads(cells, x, lengths, direction, weight)
+        return _ORACLES[cache_key]
+
     def loss(cells, x):
         y, states = oracle_layer(cells, x, lengths, direction)
         return _loss(y, weight), (y, states)
@@ -163,7 +173,7 @@ def test_layer_matches_scan_on_padded_batch(kind, solver, direction, dtype):
     lengths = jnp.asarray(LENGTHS)
     value, y, result, g_layer, g_x = layer_loss_and_grads(layer, x, lengths, weight)
     o_value, o_y, o_states, o_g_cells, o_g_x = oracle_loss_and_grads(
-        layer_cells(layer), x, LENGTHS, direction, weight
+        layer_cells(layer), x, LENGTHS, direction, weight, cache_key=(kind, direction, dtype)
     )
     tol = _tol(dtype)
     _close(y, o_y, tol)
@@ -196,17 +206,23 @@ def _unbatched_and_vmapped(layer, x, lengths):
 
 
 def test_unbatched_and_user_vmap():
-    """`jax.vmap` over the unbatched layer with scalar lengths equals the scan model;
-    so does one unpadded `(T, M)` sequence from a given initial state."""
+    """`jax.vmap` over the unbatched layer with traced scalar `int8` lengths equals the
+    scan model, with `T` = 140 > 127 (an `int8` step index `arange(T)` cannot be
+    formed: the layer used to raise `OverflowError` there); so does one unpadded
+    `(T, M)` sequence from a given initial state. A traced negative length raises
+    at run time."""
     layer = make_rnn("eqx_gru", prnn.DEER(), jnp.float64, reverse=True, on_failure="ignore")
-    x = jax.random.normal(jax.random.key(1), (B, T, M))
-    (y_v, r_v), (y1, r1) = _unbatched_and_vmapped(layer, x, jnp.asarray(LENGTHS))
-    o_y, _ = oracle_direction(layer.cell, x, LENGTHS, True)
+    lengths = np.array([127, 7, 1, 0])
+    x = jax.random.normal(jax.random.key(1), (B, 140, M))
+    (y_v, r_v), (y1, r1) = _unbatched_and_vmapped(layer, x, jnp.asarray(lengths, jnp.int8))
+    o_y, _ = oracle_direction(layer.cell, x, lengths, True)
     _close(y_v, o_y, _tol(jnp.float64))
     assert r_v.num_steps.shape == (B,) and np.all(r_v.converged)
     ref = scan_reference(layer.cell, x[0][::-1], jnp.full(D, 0.3))[::-1]
     _close(y1, ref, _tol(jnp.float64))
     assert r1.num_steps.shape == ()
+    with pytest.raises(Exception, match="lengths"):
+        _unbatched_and_vmapped(layer, x, jnp.array([3, -1, 1, 0], jnp.int8))
 
 
 POLICY_LAYERS = {
@@ -217,21 +233,22 @@ POLICY_LAYERS = {
 
 def test_fallback_policy():
     """`max_steps=1` cannot converge on the long sequences: they are recomputed exactly
-    (states and gradients of the scan model) and flagged; the length-1 sequence
-    converges in one step and keeps its parallel solution."""
+    (states and gradients of the scan model) and flagged; the length-1 and length-0 sequences
+    converge within one step and keep their parallel solutions."""
     layer = POLICY_LAYERS["fallback"]
     x = jax.random.normal(jax.random.key(1), (B, T, M))
     weight = jax.random.normal(jax.random.key(2), (B, T, D))
     value, y, result, g_layer, g_x = layer_loss_and_grads(layer, x, jnp.asarray(LENGTHS), weight)
+    # The model, inputs and weights of the first padded-batch case: its oracle is shared.
     o_value, o_y, _, o_g_cells, o_g_x = oracle_loss_and_grads(
-        (layer.cell,), x, LENGTHS, "forward", weight
+        (layer.cell,), x, LENGTHS, "forward", weight, cache_key=("gru", "forward", jnp.float64)
     )
     tol = _tol(jnp.float64)
     _close(y, o_y, tol)
     _close(layer_cells(g_layer), o_g_cells, tol)
     _close(g_x, o_g_x, tol)
-    assert list(result.converged) == [False, False, True]
-    assert list(result.fell_back) == [True, True, False]
+    assert list(result.converged) == [False, False, True, True]
+    assert list(result.fell_back) == [True, True, False, False]
 
 
 def test_raise_and_ignore_policies():
@@ -241,10 +258,13 @@ def test_raise_and_ignore_policies():
     with pytest.raises(Exception, match="max_steps"):
         eqx.filter_jit(POLICY_LAYERS["raise"])(x, lengths=lengths)
     y, result = eqx.filter_jit(POLICY_LAYERS["ignore"])(x, lengths=lengths)
-    assert list(result.converged) == [False, False, True]
+    assert list(result.converged) == [False, False, True, True]
     assert not np.any(result.fell_back)
-    o_y, _ = oracle_direction(POLICY_LAYERS["ignore"].cell, x, LENGTHS, False)
-    assert np.max(np.abs(y[0] - o_y[0])) > 1e-6
+    # The returned iterate is not the recurrence's solution: one cell step off it
+    # (computed here, not by the solve) is far from it on the full-length sequence.
+    cell, s = POLICY_LAYERS["ignore"].cell, result.states[0]
+    previous = jnp.concatenate([jnp.zeros((1, D)), s[:-1]])
+    assert np.max(np.abs(s - jax.vmap(cell)(x[0], previous))) > 1e-6
 
 
 def make_stack(dtype):
@@ -290,7 +310,7 @@ def test_stack_matches_scan_model():
     """A two-block stack (RMSNorm + GRU; LayerNorm + reverse Elman) equals the
     same model written with `lax.scan`, in outputs and gradients, on a padded batch;
     its results fed back as warm starts give the same loss with no iterations;
-    dropout asks for its key."""
+    dropout asks for its key before a solve is traced."""
     stack = make_stack(jnp.float64)
     x = jax.random.normal(jax.random.key(1), (B, T, 5))
     weight = jax.random.normal(jax.random.key(2), (B, T, 5))
@@ -317,7 +337,7 @@ def test_stack_matches_scan_model():
     _close(value2, value, tol)
     assert all(np.all(r.num_steps == 0) for r in results2)
     with pytest.raises(RuntimeError, match="key"):
-        eqx.filter_eval_shape(lambda s, x: s(x, lengths=lengths), stack, x)
+        stack(x, lengths=lengths)
 
 
 def test_trace_time_errors():
@@ -325,11 +345,69 @@ def test_trace_time_errors():
     x = jnp.zeros((B, T, M))
     with pytest.raises(ValueError, match=r"\(T, M\)"):
         layer(x[0, 0])
-    with pytest.raises(ValueError, match=r"lengths.*\(3,\)"):
+    with pytest.raises(ValueError, match=r"lengths.*\(4,\)"):
         layer(x, lengths=jnp.array([1, 2]))
     with pytest.raises(ValueError, match="on_failure"):
         nn.RNN(layer.cell, on_failure="retry")  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match="reverse"):
         nn.Bidirectional(layer, layer)
+    bi = nn.Bidirectional(layer, make_rnn("gru", prnn.DEER(), jnp.float64, reverse=True))
+    with pytest.raises(ValueError, match="guess.*pair"):
+        bi(x, guess=jnp.zeros((B, T, D)))  # pyright: ignore[reportArgumentType]
     with pytest.raises(TypeError, match="init_state"):
         nn.RNN(lambda x, s: s)(x)
+    with pytest.raises(ValueError, match=r"inputs.*one step"):
+        layer(x[:, :0])
+    for bad in ([1, 2, 3, T + 1], [1, -1, 3, 4]):
+        with pytest.raises(ValueError, match=r"lengths.*\[0, 12\]"):
+            layer(x, lengths=jnp.array(bad))
+    with pytest.raises(ValueError, match=r"init_state.*\(4, 6\).*\(6,\)"):
+        layer(x, init_state=jnp.zeros(D))  # one state for the whole batch
+    with pytest.raises(ValueError, match=r"guess.*\(4, 12\).*\(12, 6\)"):
+        layer(x, guess=jnp.zeros((T, D)))  # one sequence's trajectory for a batch
+
+
+def test_shapes_and_dtypes_traced():
+    """Traced only: integer inputs are cast to the parameters' dtype; a readout with a
+    scalar per step gives `(B, T)` outputs, zero-padded without broadcasting."""
+    layer = make_rnn("gru", prnn.DEER(), jnp.float32, readout=lambda s: s[0], on_failure="ignore")
+    lengths = jnp.asarray(LENGTHS)
+    y, r = eqx.filter_eval_shape(lambda x: layer(x, lengths=lengths), jnp.zeros((B, T, M), int))
+    assert (y.shape, y.dtype, r.states.dtype) == ((B, T), jnp.float32, jnp.float32)
+
+
+class _Registered(_Plain):
+    """`_Plain` whose closed-form Jacobian comes from the registry."""
+
+
+def test_mask_follows_the_inner_registration_and_registers_nothing():
+    """The masked cell's closed form is the inner cell's registered one on valid steps
+    and the identity on padding; a new registration reaches it (and changes its tree
+    structure, so solves compile again); the mask adds nothing to the global registry."""
+    from parallel_rnn._structure import _REGISTRY, jacobian_rule
+    from parallel_rnn.nn._mask import masked
+
+    def exact(c, x, s):
+        v = c(x, s)
+        return v, (1 - v**2)[:, None] * c.u
+
+    def zero(c, x, s):
+        return c(x, s), jnp.zeros_like(c.u)
+
+    # _Plain's __init__ (pyright reads the subclass as a dataclass of its fields).
+    cell = _Registered(M, D, key=jax.random.key(0), dtype=jnp.float64)  # pyright: ignore[reportCallIssue]
+    x, s = jnp.linspace(-1, 1, M), jnp.linspace(0.5, -0.5, D)
+    structures = []
+    for f in (exact, zero):
+        prnn.register_jacobian(_Registered, value_and_jacobian=f)
+        before = dict(_REGISTRY)
+        m = masked(cell)
+        assert _REGISTRY == before
+        structures.append(jax.tree_util.tree_structure(m))
+        form = jacobian_rule(m).value_and_jacobian
+        assert form is not None
+        value, jac = form(m, (x, jnp.array(True)), s)
+        _close((value, jac), f(cell, x, s), _tol(jnp.float64))
+        value, jac = form(m, (x, jnp.array(False)), s)
+        _close((value, jac), (s, jnp.eye(D)), _tol(jnp.float64))
+    assert structures[0] != structures[1]

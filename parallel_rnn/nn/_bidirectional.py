@@ -42,8 +42,8 @@ class Bidirectional(eqx.Module):
         init_state: tuple[PyTree, PyTree] | None = None,
         guess: tuple[PyTree, PyTree] | None = None,
     ) -> tuple[Array, LayerResult]:
-        s0 = (None, None) if init_state is None else init_state
-        g = (None, None) if guess is None else guess
+        s0 = _pair(init_state, "init_state")
+        g = _pair(guess, "guess")
         y_f, r_f = self.forward(inputs, lengths=lengths, init_state=s0[0], guess=g[0])
         y_b, r_b = self.backward(inputs, lengths=lengths, init_state=s0[1], guess=g[1])
         flags = jtu.tree_map(
@@ -52,3 +52,15 @@ class Bidirectional(eqx.Module):
             (r_b.num_steps, r_b.converged, r_b.fell_back, r_b.residual),
         )
         return jnp.concatenate([y_f, y_b], axis=-1), LayerResult((r_f.states, r_b.states), *flags)
+
+
+def _pair(value, name: str) -> tuple:
+    """`(forward, backward)` from a pair (or `(None, None)` from None)."""
+    if value is None:
+        return (None, None)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(
+            f"`{name}` of a Bidirectional layer must be a pair (forward, backward), "
+            f"like its `LayerResult.states`; got {type(value).__name__}"
+        )
+    return tuple(value)

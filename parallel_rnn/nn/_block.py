@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._bidirectional import Bidirectional
-from ._layer import RNN, LayerResult, zero_padding, zero_state
+from ._layer import RNN, LayerResult, check_lengths, zero_padding, zero_state
 
 
 def per_step(f: Callable, x: Array) -> Array:
@@ -95,6 +95,14 @@ class Block(eqx.Module):
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
     ) -> tuple[Array, LayerResult]:
+        if key is None and _dropout_active(self.dropout, inference):
+            # Before the solve is traced (Dropout would only say so after it).
+            raise RuntimeError(
+                f"this Block has dropout {self.dropout.p}: pass `key=` to train, or "
+                "`inference=True` to evaluate"
+            )
+        if lengths is not None:
+            lengths = check_lengths(lengths, x.shape)
         h = x if self.norm is None else per_step(self.norm, x)
         h, result = self.layer(h, lengths=lengths, guess=guess)
         if self.projection is not None:
@@ -102,7 +110,7 @@ class Block(eqx.Module):
         h = self.dropout(h, key=key, inference=inference)
         y = x + h if self.residual else h
         if lengths is not None:
-            y = zero_padding(y, jnp.asarray(lengths))
+            y = zero_padding(y, lengths)
         return y, result
 
 
@@ -119,3 +127,10 @@ def _dtype(layer: RNN | Bidirectional):
     """The floating dtype of the layer's parameters (the first one found)."""
     leaves = [a for a in jax.tree_util.tree_leaves(layer) if eqx.is_inexact_array(a)]
     return leaves[0].dtype if leaves else jnp.float32
+
+
+def _dropout_active(dropout: eqx.nn.Dropout, inference: bool | None) -> bool:
+    """Whether `dropout` would draw a mask (and so need a key), as `eqx.nn.Dropout`
+    decides it."""
+    inference = dropout.inference if inference is None else inference
+    return not inference and not (isinstance(dropout.p, (int, float)) and dropout.p == 0)

@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .._sequential import solve_sequential
@@ -113,13 +114,17 @@ class RNN(eqx.Module):
       `"ignore"` returns the last iterate, flagged by `converged=False`.
 
     **Calling:** `layer(inputs, *, lengths=None, init_state=None, guess=None)`
-    with `inputs` `(T, M)` or a batch `(B, T, M)`; `lengths` (`(B,)` integers, or
-    a scalar for one sequence) marks padding at the end: past its length a
-    sequence holds its last valid state and its outputs are zero, and the padding
-    inputs get exactly zero gradient. `init_state` is `s_0` (with a leading `B`
-    for a batch; default zeros of the cell's `hidden_size`, or a pair of them for
-    an LSTM-like cell); `guess` is a previous `LayerResult.states` for the same
-    sequences (a warm start: fewer iterations, same answer, no gradient).
+    with `inputs` `(T, M)` or a batch `(B, T, M)`, `T >= 1` (integer or boolean
+    inputs are cast to the floating dtype of the cell's parameters); `lengths`
+    (`(B,)` integers, or a scalar for one sequence, each in `[0, T]`: a
+    `ValueError` when concrete, a runtime error under `jit`/`vmap`) marks padding
+    at the end: past its length a sequence holds its last valid state and its
+    outputs are zero, and the padding inputs get exactly zero gradient (length 0:
+    every state is `init_state`). `init_state` is `s_0` (with a leading `B` for a
+    batch; default zeros of the cell's `hidden_size`, or a pair of them for an
+    LSTM-like cell); `guess` is a previous `LayerResult.states` for the same
+    sequences, `(B, T, ...)` or `(T, ...)` (a warm start: fewer iterations, same
+    answer, no gradient).
     Returns `(outputs, LayerResult)`, outputs `(…, T, out)`.
 
     A batch is solved as one `vmap`ped solve: it iterates until its slowest member
@@ -173,22 +178,24 @@ class RNN(eqx.Module):
             raise ValueError(
                 f"`inputs` must be (T, M) or a batch (B, T, M); got shape {inputs.shape}"
             )
+        if inputs.shape[-2] == 0:
+            raise ValueError(f"`inputs` must have at least one step; got shape {inputs.shape}")
+        if not jnp.issubdtype(inputs.dtype, jnp.inexact):
+            inputs = inputs.astype(_float_dtype(self.cell))
         batched = inputs.ndim == 3
         T = inputs.shape[-2]
         if lengths is not None:
-            lengths = jnp.asarray(lengths)
-            want = inputs.shape[:1] if batched else ()
-            if lengths.shape != want or not jnp.issubdtype(lengths.dtype, jnp.integer):
-                raise ValueError(
-                    f"`lengths` must be integers of shape {want} for inputs of shape "
-                    f"{inputs.shape}; got {lengths.dtype}{lengths.shape}"
-                )
+            lengths = check_lengths(lengths, inputs.shape)
+        x_t = inputs[(0,) * (inputs.ndim - 1)]
         if init_state is None:
-            s0 = zero_state(self.cell, inputs[(0,) * (inputs.ndim - 1)])
+            s0 = zero_state(self.cell, x_t)
             if batched:
                 s0 = jtu.tree_map(lambda a: jnp.broadcast_to(a, (inputs.shape[0], *a.shape)), s0)
         else:
             s0 = init_state
+            _check_init_state(self.cell, x_t, s0, inputs.shape)
+        if guess is not None:
+            _check_guess(guess, inputs.shape)
         axes = 0 if batched else None
         solve = jax.vmap(self._solve, in_axes=(0, axes, 0, 0)) if batched else self._solve
         states, (num_steps, converged, residual), xs = solve(inputs, lengths, s0, guess)
@@ -260,11 +267,83 @@ def _fallback(cell, xs, s0, states, converged, batched):
     return jax.lax.cond(jnp.all(converged), lambda s: s, exact, states)
 
 
-def zero_padding(y: Float[Array, "*B T N"], lengths: Int[Array, "*B"]) -> Array:
-    """`y` with the steps at and past each sequence's length set to zero."""
-    t = jnp.arange(y.shape[-2], dtype=lengths.dtype)
+def zero_padding(y: Array, lengths: Int[Array, "*B"]) -> Array:
+    """`y` with the steps at and past each sequence's length set to zero (`y` has
+    the time axis right after the batch axes of `lengths`, then any others)."""
+    T = y.shape[lengths.ndim]
+    t = jnp.arange(T, dtype=lengths.dtype)
     valid = t[None, :] < lengths[:, None] if lengths.ndim else t < lengths
-    return jnp.where(valid[..., None], y, jnp.zeros_like(y))
+    valid = valid.reshape(valid.shape + (1,) * (y.ndim - valid.ndim))
+    return jnp.where(valid, y, jnp.zeros_like(y))
+
+
+def check_lengths(lengths, shape: tuple[int, ...]) -> Int[Array, "*B"]:
+    """`lengths` as `int32`, after checking it against inputs of shape `(T, M)` or
+    `(B, T, M)`: integers, `()` or `(B,)`, each in `[0, T]` (a `ValueError` when
+    concrete, else a runtime error from `eqx.error_if`)."""
+    T = shape[-2]
+    want = shape[:1] if len(shape) == 3 else ()
+    dtype = np.result_type(lengths) if not hasattr(lengths, "dtype") else lengths.dtype
+    if np.shape(lengths) != want or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"`lengths` must be integers of shape {want} for inputs of shape {shape}; "
+            f"got {dtype}{np.shape(lengths)}"
+        )
+    message = f"`lengths` must lie in [0, T] = [0, {T}] for inputs of shape {shape}"
+    try:
+        values = np.asarray(lengths)
+    except jax.errors.TracerArrayConversionError:  # traced: checked at run time below
+        values = None
+    if values is not None:
+        if np.any(values < 0) or np.any(values > T):
+            raise ValueError(f"{message}; got {values}")
+        return jnp.asarray(values, jnp.int32)
+    # Compared in their own dtype (a cast first could wrap), then cast: the step
+    # indices `arange(T)` are made in the lengths' dtype, which for int8 cannot
+    # hold T > 127.
+    bad = lengths < 0
+    if T < jnp.iinfo(dtype).max:
+        bad = bad | (lengths > T)
+    return eqx.error_if(lengths, bad, message).astype(jnp.int32)
+
+
+def _float_dtype(cell) -> jnp.dtype:
+    """The floating dtype of `cell`'s parameters (the first found), or JAX's default."""
+    leaves = [a for a in jtu.tree_leaves(cell) if eqx.is_inexact_array(a)]
+    return leaves[0].dtype if leaves else jnp.zeros(()).dtype
+
+
+def _shapes(tree: PyTree) -> list[tuple[int, ...]]:
+    return [tuple(np.shape(a)) for a in jtu.tree_leaves(tree)]
+
+
+def _check_init_state(cell, x_t, s0: PyTree, shape: tuple[int, ...]) -> None:
+    """`s0` must be one state, with a leading batch axis `B` for batched inputs; where
+    the cell's state shape is known (`zero_state`), its shapes must match it."""
+    batch = shape[:1] if len(shape) == 3 else ()
+    try:
+        expected = [batch + s for s in _shapes(zero_state(cell, x_t))]
+    except TypeError:  # a state `zero_state` cannot guess: the solve checks it
+        expected = None
+    got = _shapes(s0)
+    ok = all(s[: len(batch)] == batch for s in got) if expected is None else got == expected
+    if not ok:
+        want = "leading axis " + str(batch) if expected is None else str(expected)
+        raise ValueError(
+            f"`init_state` must be one state per sequence ({want}) for inputs of shape "
+            f"{shape}; got leaves of shapes {got}"
+        )
+
+
+def _check_guess(guess: PyTree, shape: tuple[int, ...]) -> None:
+    """A guess is a trajectory: leaves `(B, T, ...)` for batched inputs, else `(T, ...)`."""
+    lead = shape[:-1]
+    got = _shapes(guess)
+    if not all(s[: len(lead)] == lead for s in got):
+        raise ValueError(
+            f"`guess` must be a trajectory of states with leading axes {lead} (a previous "
+            f"`LayerResult.states`) for inputs of shape {shape}; got leaves of shapes {got}"
+        )
 
 
 def _expand(flag, like):
