@@ -21,8 +21,10 @@ ERR = {jnp.float32: 1e-4, jnp.float64: 1e-9}
         (prnn.MultipleShooting(), jnp.float64),
         (prnn.MultipleShooting(chunk=7, solver=prnn.QuasiDEER()), jnp.float64),
         (prnn.MultipleShooting(chunk=16, solver=prnn.ELK()), jnp.float32),
+        (prnn.MultipleShooting(chunk=12, solver=prnn.DEER(globalise="picard")), jnp.float32),
+        (prnn.DEER(globalise="picard"), jnp.float64),
     ],
-    ids=["DEER-f32", "DEER-f64", "QuasiDEER-L7-f64", "ELK-L16-f32"],
+    ids=["DEER-f32", "DEER-f64", "QuasiDEER-L7-f64", "ELK-L16-f32", "picard-L12-f32", "picard"],
 )
 def test_matches_sequential_scan_on_a_pytree_state(solver, dtype):
     cell, xs, s0 = lstm_problem(dtype, T)
@@ -33,7 +35,7 @@ def test_matches_sequential_scan_on_a_pytree_state(solver, dtype):
     assert max_abs_diff(sol.states, scan_reference(cell, xs, s0)) < ERR[dtype]
 
 
-@pytest.mark.parametrize("globalise", [True, False])
+@pytest.mark.parametrize("globalise", [True, False, "picard"])
 def test_at_most_p_iterations_on_a_chaotic_cell(globalise):
     # weight_hh x 6: an unstable GRU whose Newton steps explode from a cold start.
     cell, xs, s0 = gru_problem(jnp.float64, T, scale=6.0)
@@ -87,3 +89,5 @@ def test_bad_options_fail_at_construction():
         prnn.MultipleShooting(chunk=0)
     with pytest.raises(TypeError, match="`solver`"):
         prnn.MultipleShooting(solver=prnn.MultipleShooting())
+    with pytest.raises(ValueError, match="`globalise`"):
+        prnn.DEER(globalise="diagonal")  # pyright: ignore[reportArgumentType]
