@@ -92,9 +92,9 @@ class MultipleShooting(AbstractSolver):
       moved to its predecessor's chunk end) instead of with the diagonal of the
       chunk Jacobians, a product of `L` step diagonals that explodes or vanishes:
       on autoregressive models it needs far fewer iterations at large `T`
-      (docs/accuracy.md). `ELK()` damps the boundary steps; `QuasiDEER()` uses the products of diagonals (`O(1)`
-      passes per iteration instead of `D + 1`, more iterations). Must not itself be
-      a `MultipleShooting`.
+      (docs/accuracy.md). `ELK()` damps the boundary steps; `QuasiDEER()` uses
+      the products of diagonals (`O(1)` passes per iteration instead of `D + 1`,
+      more iterations). Must not itself be a `MultipleShooting`.
     - `scan`: how the gradient's linear recurrences are evaluated (as for `DEER`);
       the chunk recurrence uses `solver.scan`.
 
