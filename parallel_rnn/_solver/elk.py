@@ -243,7 +243,7 @@ class ELK(_AbstractELK):
     like `DEER`, but `O(T D³)` work per iteration even on CPU, where DEER's is
     `O(T D²)`: each time step propagates a `D×D` covariance (two `D×D` products and
     one `D×D` solve, about `8 D³` flops). Measured on a 2-core CPU, per time step
-    and iteration: 4 µs at `D = 16`, 0.06 ms at `D = 64`, 0.3 ms at `D = 128` (4–15×
+    and iteration: 4 µs at `D = 16`, 0.06 ms at `D = 64`, 0.3 ms at `D = 128` (8–19×
     DEER's); for large `D` on a CPU prefer `QuasiELK` or `DEER`
     (`docs/performance.md`).
 """
