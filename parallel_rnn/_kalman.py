@@ -43,7 +43,7 @@ default is TF32 on recent NVIDIA GPUs).
 
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float, Scalar
+from jaxtyping import Array, Bool, Float, Int, Scalar
 
 from ._misc import add_identity, matmul as _mm, matvec as _mv
 from ._scan import Method, _small_matvec, resolve_method
@@ -305,6 +305,11 @@ def _small_mv(a, x):
     return _mv(a, x) if a.shape[-1] > _SMALL else _small_matvec(a, x)
 
 
+def _unpinned_start(pinned: Bool[Array, " T"]) -> Int[Array, ""]:
+    """The length of the leading run of pinned steps (`T` if all are pinned)."""
+    return jnp.where(jnp.all(pinned), pinned.shape[0], jnp.argmin(pinned))
+
+
 def _sequential_filter(A, b, y, lam, dense):
     T, D = b.shape
     eye = jnp.eye(D, dtype=b.dtype)
@@ -358,14 +363,14 @@ def _sequential_filter(A, b, y, lam, dense):
         init = (jnp.zeros_like(b[0]), jnp.zeros(A.shape[1:], b.dtype))
         return lax.scan(step, init, (A, b, y, lam))[1]
     pinned = jnp.isinf(lam)
-    start = jnp.where(jnp.all(pinned), T, jnp.argmin(pinned))
+    start = _unpinned_start(pinned)
     m_init = jnp.where(start > 0, y[jnp.maximum(start - 1, 0)], 0)
     P_init = jnp.zeros(A.shape[1:], b.dtype)
     out = (
         jnp.where(pinned[:, None], y, 0),
         jnp.zeros((T, *A.shape[1:]), b.dtype),
         jnp.zeros_like(b),
-        jnp.broadcast_to(eye if dense else jnp.ones_like(b[0]), (T, *A.shape[1:])),
+        jnp.broadcast_to(eye, (T, *A.shape[1:])),
     )
 
     def body(t, carry):
@@ -405,8 +410,7 @@ def _sequential_smoother(A, m, P, m_pred, P_pred, lam, dense):
         return jnp.concatenate([ms, m[-1:]]), jnp.concatenate([Ps, P[-1:]])
     # Backwards from T - 1 down to the end of the pinned prefix, where the
     # smoothed posterior is the filtered one (see `_sequential_filter`).
-    pinned = jnp.isinf(lam)
-    start = jnp.where(jnp.all(pinned), T, jnp.argmin(pinned))
+    start = _unpinned_start(jnp.isinf(lam))
 
     def body(i, carry):
         t = T - 2 - (i - start)  # T - 2, T - 3, ..., start
