@@ -15,6 +15,10 @@ is reliable where the Newton step is (contractive and marginally stable cells
 near their solution) and meaningless on chaotic cells, whose exact trajectory is
 itself sensitive to every rounding (there `δ` is large, the polished residual
 larger, and the polish is refused).
+
+On CPU, where the recurrence runs sequentially anyway, the Newton step runs in
+the time chunks of the batched evaluations (`_chunked_newton_step`), so that the
+exact Jacobians of all `T` steps never exist at once.
 """
 
 from collections.abc import Callable
@@ -86,7 +90,8 @@ def _newton_step(
     atol: float,
 ):
     """`(candidate, f at it, max|δ|, max|candidate|)` of one exact Newton step
-    `candidate = states + δ` (`δ` zero where not finite: then the step is unusable)."""
+    `candidate = states + δ`, the cell evaluated by `certifier` (in one pass `δ` is
+    zeroed where not finite; either way such a step is refused by the caller)."""
     b = _time_chunk(problem, solver, states.shape[0])
     if b is not None:
         return _chunked_newton_step(problem, certifier, states, fs, b)
