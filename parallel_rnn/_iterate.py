@@ -180,8 +180,8 @@ def _certified(
     sequential: Int[Array, ""] | None = None,
 ) -> Outcome:
     """The outcome with `converged`/`residual` from the cell's own `__call__`."""
-    evaluate = _unshared(problem, n).evaluate
-    final_fs = evaluate(states)
+    certifier = _unshared(problem, n)
+    final_fs = certifier.evaluate(states)
     final = assess(Iterate(states, final_fs, None), rtol, atol)
     estimate = None
     if polish:
@@ -192,7 +192,7 @@ def _certified(
             final_fs,
             final,
             lambda it: assess(it, rtol, atol),
-            evaluate,
+            certifier,
             rtol,
             atol,
             # Only a solve that stopped because it met the tolerance (by the solver's

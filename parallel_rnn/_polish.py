@@ -15,6 +15,10 @@ is reliable where the Newton step is (contractive and marginally stable cells
 near their solution) and meaningless on chaotic cells, whose exact trajectory is
 itself sensitive to every rounding (there `δ` is large, the polished residual
 larger, and the polish is refused).
+
+On CPU, where the recurrence runs sequentially anyway, the Newton step runs in
+the time chunks of the batched evaluations (`_chunked_newton_step`), so that the
+exact Jacobians of all `T` steps never exist at once.
 """
 
 from collections.abc import Callable
@@ -24,8 +28,9 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
-from ._problem import Problem
-from ._scan import linear_recurrence
+from ._problem import Problem, _chunk_length
+from ._scan import linear_recurrence, resolve_method
+from ._shard import sequence_axis
 from ._solver.base import AbstractSolver, Iterate, _explosion_bound, max_abs
 
 
@@ -44,8 +49,7 @@ def correction(
 ) -> Float[Array, "T D"]:
     """One exact Newton correction `δ` at `states` (`fs`: the cell evaluated there)."""
     rhs = fs - states
-    # (A cell without forward mode, a custom_vjp inside, has no matrix-free JVP path.)
-    if solver.jacobian == "dense" or _cheap_exact_jacobian(problem) or not problem.fn.forward_mode:
+    if _exact(problem, solver):
         _, jac = problem.linearise_exact(states)
         return linear_recurrence(jac, rhs, method=solver.scan)
     # Solvers that keep `O(T·D)` memory on a dense cell: the same linear recurrence,
@@ -56,6 +60,94 @@ def correction(
     return jnp.where(out.converged, out.states, jnp.nan)
 
 
+def _exact(problem: Problem, solver: AbstractSolver) -> bool:
+    """Whether `correction` uses the exact Jacobians (else the matrix-free tangent)."""
+    # (A cell without forward mode, a custom_vjp inside, has no matrix-free JVP path.)
+    dense = solver.jacobian == "dense"
+    return dense or _cheap_exact_jacobian(problem) or not problem.fn.forward_mode
+
+
+def _time_chunk(problem: Problem, solver: AbstractSolver, T: int) -> int | None:
+    """Time steps per chunk of the polish's Newton step, or `None` for whole arrays:
+    chunks where the correction's recurrence runs sequentially anyway (CPU,
+    unsharded), on the exact Jacobians, and `T` is long (`_problem._chunk_length`)."""
+    if (
+        sequence_axis() is not None
+        or resolve_method(solver.scan) != "sequential"
+        or not _exact(problem, solver)
+    ):
+        return None
+    return _chunk_length(T, problem.init.shape[0])
+
+
+def _newton_step(
+    problem: Problem,
+    solver: AbstractSolver,
+    certifier: Problem,
+    states: Float[Array, "T D"],
+    fs: Float[Array, "T D"],
+    rtol: float,
+    atol: float,
+):
+    """`(candidate, f at it, max|δ|, max|candidate|)` of one exact Newton step
+    `candidate = states + δ`, the cell evaluated by `certifier` (in one pass `δ` is
+    zeroed where not finite; either way such a step is refused by the caller)."""
+    b = _time_chunk(problem, solver, states.shape[0])
+    if b is not None:
+        return _chunked_newton_step(problem, certifier, states, fs, b)
+    delta = correction(problem, solver, states, fs, rtol, atol)
+    size = max_abs(delta)
+    candidate = states + jnp.where(jnp.isfinite(size), delta, 0)
+    return candidate, certifier.evaluate(candidate), size, max_abs(candidate)
+
+
+def _chunked_newton_step(
+    problem: Problem,
+    certifier: Problem,
+    states: Float[Array, "T D"],
+    fs: Float[Array, "T D"],
+    b: int,
+):
+    """`_newton_step` in one `lax.scan` over chunks of `b` time steps.
+
+    Each chunk linearises only its own steps (from its inputs and the previous
+    chunk's last state), runs their recurrence from the previous chunk's last `δ`
+    (the same products in the same order as one pass), forms the candidate and
+    evaluates the cell on it (from the previous chunk's last candidate). So the
+    exact Jacobians (for a gated cell coefficients `T × K·D` and blocks), the
+    linearisation's temporaries (input projection, gates), `rhs` and `δ` exist one
+    chunk at a time: whole arrays are only the candidate and its evaluation. Where
+    `δ` is not finite the candidate here is `states + δ`, not `states`: the step
+    is refused then (`usable`), so it is never used.
+    """
+    T, D = states.shape
+
+    def chunk(carry, xs):
+        i, prev, delta_prev, cand_prev, size, largest, cand_out, fs_out = carry
+        inputs, s, f = xs
+        _, jac = Problem(problem.fn, inputs, prev).linearise_exact(s)
+        delta = linear_recurrence(jac, f - s, method="sequential", initial=delta_prev)
+        cand = s + delta
+        cand_fs = Problem(certifier.fn, inputs, cand_prev).evaluate(cand)
+        size = jnp.maximum(size, max_abs(delta))
+        largest = jnp.maximum(largest, max_abs(cand))
+        cand_out = lax.dynamic_update_slice_in_dim(cand_out, cand, i * b, 0)
+        fs_out = lax.dynamic_update_slice_in_dim(fs_out, cand_fs, i * b, 0)
+        return (i + 1, s[-1], delta[-1], cand[-1], size, largest, cand_out, fs_out), None
+
+    # The outputs are written into copies of `fs`, not stacked by the scan: XLA
+    # builds a scan's stacked outputs from a zero array that it shares with every
+    # other scan of that shape (the solver loop's chunked evaluations) and copies
+    # before the solver loop, where the copies would stay alive through it.
+    split = lambda a: a.reshape(T // b, b, *a.shape[1:])  # noqa: E731
+    zero = jnp.zeros((), states.dtype)
+    i0 = jnp.zeros((), jnp.int32)
+    init = (i0, problem.init, jnp.zeros_like(problem.init), problem.init, zero, zero, fs, fs)
+    xs = jax.tree_util.tree_map(split, (problem.inputs, states, fs))
+    (*_, size, largest, candidate, cand_fs), _ = lax.scan(chunk, init, xs)
+    return candidate, cand_fs, size, largest
+
+
 def polish_states(
     problem: Problem,
     solver: AbstractSolver,
@@ -63,16 +155,17 @@ def polish_states(
     fs: Float[Array, "T D"],
     status,
     assess: Callable,
-    evaluate: Callable,
+    certifier: Problem,
     rtol: float,
     atol: float,
     may_apply: Array,
 ):
     """`(states, status, error_estimate)`: polished where that keeps the certificate.
 
-    `may_apply` is False when the solve stopped short (at `max_steps`, or with no
-    progress possible): the estimate is still reported, but the states stay where
-    the iterations left them, so a capped solve is reported as capped.
+    `certifier` is the problem whose `evaluate` certifies a candidate (the plain
+    cell). `may_apply` is False when the solve stopped short (at `max_steps`, or
+    with no progress possible): the estimate is still reported, but the states stay
+    where the iterations left them, so a capped solve is reported as capped.
 
     When the answer is far off (a damped solver stopped at the tolerance on a long
     marginal trajectory), the first step's second-order term can leave the residual
@@ -81,14 +174,12 @@ def polish_states(
     """
 
     def newton(s, f):
-        delta = correction(problem, solver, s, f, rtol, atol)
-        # Over the whole trajectory when it is sequence-sharded: every shard must
-        # take the same branch of the `lax.cond` below (it holds collectives).
-        size = max_abs(delta)
-        candidate = s + jnp.where(jnp.isfinite(size), delta, 0)
-        largest = max_abs(candidate)
+        # Sizes over the whole trajectory when it is sequence-sharded: every shard
+        # must take the same branch of the `lax.cond` below (it holds collectives).
+        candidate, cand_fs, size, largest = _newton_step(
+            problem, solver, certifier, s, f, rtol, atol
+        )
         usable = jnp.isfinite(size) & (largest <= _explosion_bound(states.dtype))
-        cand_fs = evaluate(candidate)
         return candidate, cand_fs, assess(Iterate(candidate, cand_fs, None)), usable, size
 
     def better(new):

@@ -43,6 +43,17 @@ def resolve_method(method: Method) -> Literal["associative", "sequential"]:
     return method
 
 
+def _start(
+    initial: Float[Array, " D"] | None, b: Float[Array, "T ..."], method: Method
+) -> Float[Array, "..."]:
+    """The scan's boundary value: `initial` (sequential form only), else zeros."""
+    if initial is None:
+        return jnp.zeros_like(b[0])
+    if _shard.sequence_axis() is not None or resolve_method(method) != "sequential":
+        raise ValueError("`initial` is only supported by the unsharded sequential recurrence")
+    return initial.astype(b.dtype)
+
+
 def _dense_combine(earlier, later):
     A_i, b_i = earlier
     A_j, b_j = later
@@ -79,11 +90,15 @@ def dense_recurrence(
     *,
     reverse: bool = False,
     method: Method = "auto",
+    initial: Float[Array, " D"] | None = None,
 ) -> Float[Array, "T D"]:
     """Solve `x_t = A_t x_{t-1} + b_t` (`x_0 = 0`), or backwards with `reverse=True`.
 
     `A[0]` (`A[-1]` when reversed) multiplies the zero boundary value and is unused.
+    `initial` replaces that zero (`x_0`, or `x_{T+1}` reversed; unsharded and
+    sequential only, as in every recurrence below), so `A[0]` multiplies it.
     """
+    start = _start(initial, b, method)
     if _shard.sequence_axis() is not None:
         solve = lambda A, b: dense_recurrence(A, b, reverse=reverse, method=method)
         associative = resolve_method(method) == "associative"
@@ -98,7 +113,7 @@ def dense_recurrence(
             x = matvec(A_t, x) + b_t
             return x, x
 
-        _, xs = lax.scan(step, jnp.zeros_like(b[0]), (A, b), reverse=reverse)
+        _, xs = lax.scan(step, start, (A, b), reverse=reverse)
         return xs
 
     # With reverse=True JAX scans the time-reversed elements, so "earlier" in
@@ -155,8 +170,10 @@ def diagonal_recurrence(
     *,
     reverse: bool = False,
     method: Method = "auto",
+    initial: Float[Array, " D"] | None = None,
 ) -> Float[Array, "T D"]:
     """Elementwise `x_t = a_t ⊙ x_{t-1} + b_t` (`x_0 = 0`), or backwards with `reverse=True`."""
+    start = _start(initial, b, method)
     if _shard.sequence_axis() is not None:
         solve = lambda a, b: diagonal_recurrence(a, b, reverse=reverse, method=method)
         return _shard.linear_recurrence("diagonal", solve, a, b, reverse=reverse, associative=False)
@@ -167,7 +184,7 @@ def diagonal_recurrence(
             x = a_t * x + b_t
             return x, x
 
-        _, xs = lax.scan(step, jnp.zeros_like(b[0]), (a, b), reverse=reverse)
+        _, xs = lax.scan(step, start, (a, b), reverse=reverse)
         return xs
 
     _, xs = lax.associative_scan(_diagonal_combine, (a, b), reverse=reverse)
@@ -194,6 +211,7 @@ def block_recurrence(
     *,
     reverse: bool = False,
     method: Method = "auto",
+    initial: Float[Array, " D"] | None = None,
 ) -> Float[Array, "T D"]:
     """`x_t = A_t x_{t-1} + b_t` (`x_0 = 0`) with block-diagonal `A_t`, `O(T·D·k)` memory.
 
@@ -201,13 +219,14 @@ def block_recurrence(
     `x_t` (`n = A.shape[1]`): for a state of `k` leaves of size `n`, unit `j` of
     every leaf. The associative form combines the blocks, `O(T·n·k³)` work.
     """
+    n = A.shape[1]
+    start = _to_blocks(_start(initial, b, method)[None], n)[0]
     if _shard.sequence_axis() is not None:
         solve = lambda A, b: block_recurrence(A, b, reverse=reverse, method=method)
         associative = resolve_method(method) == "associative"
         return _shard.linear_recurrence(
             "block", solve, A, b, reverse=reverse, associative=associative
         )
-    n = A.shape[1]
     bb = _to_blocks(b, n)
     if resolve_method(method) == "sequential":
         # k is small: a multiply and a sum fuse into one loop (see `_small_matvec`).
@@ -216,7 +235,7 @@ def block_recurrence(
             x = _small_matvec(A_t, x) + b_t
             return x, x
 
-        _, xs = lax.scan(step, jnp.zeros_like(bb[0]), (A, bb), reverse=reverse)
+        _, xs = lax.scan(step, start, (A, bb), reverse=reverse)
         return _from_blocks(xs)
 
     _, xs = lax.associative_scan(_block_combine, (A, bb), reverse=reverse)
@@ -229,6 +248,7 @@ def gated_recurrence(
     *,
     reverse: bool = False,
     method: Method = "auto",
+    initial: Float[Array, " D"] | None = None,
 ) -> Float[Array, "T D"]:
     """`x_t = A_t x_{t-1} + b_t` (`x_0 = 0`) with `A_t` in gated form, `O(T·D·K)` memory.
 
@@ -236,6 +256,7 @@ def gated_recurrence(
     work, and no `D×D` matrix is formed. The associative scan (and the
     sequence-sharded one) combine dense matrices, so there `A` is densified.
     """
+    start = _start(initial, b, method)
     if _shard.sequence_axis() is not None or resolve_method(method) == "associative":
         return dense_recurrence(A.dense(), b, reverse=reverse, method=method)
     matvec, _ = step_products(A.weight, A.size)
@@ -245,7 +266,7 @@ def gated_recurrence(
         x = matvec(c_t, B_t, x) + b_t
         return x, x
 
-    _, xs = lax.scan(step, jnp.zeros_like(b[0]), (A.coeffs, A.blocks, b), reverse=reverse)
+    _, xs = lax.scan(step, start, (A.coeffs, A.blocks, b), reverse=reverse)
     return xs
 
 
@@ -255,15 +276,17 @@ def linear_recurrence(
     *,
     reverse: bool = False,
     method: Method = "auto",
+    initial: Float[Array, " D"] | None = None,
 ) -> Float[Array, "T D"]:
     """`x_t = A_t x_{t-1} + b_t` for `A` diagonal `(T, D)`, dense `(T, D, D)`,
-    block-diagonal `(T, n, k, k)` or a `GatedJacobian`."""
+    block-diagonal `(T, n, k, k)` or a `GatedJacobian`; from `x_0 = initial`
+    (sequential only) instead of 0 when given."""
     if isinstance(A, GatedJacobian):
-        return gated_recurrence(A, b, reverse=reverse, method=method)
+        return gated_recurrence(A, b, reverse=reverse, method=method, initial=initial)
     solve = {2: diagonal_recurrence, 3: dense_recurrence, 4: block_recurrence}.get(A.ndim)
     if solve is None:
         raise ValueError(f"`A` must have 2, 3 or 4 axes; got shape {A.shape}")
-    return solve(A, b, reverse=reverse, method=method)
+    return solve(A, b, reverse=reverse, method=method, initial=initial)
 
 
 def _transposed_structured(A, b, method):
