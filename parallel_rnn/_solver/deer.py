@@ -53,7 +53,7 @@ class DEER(AbstractLinearisedSolver):
 
     `globalise="picard"` splices with the Picard step `s_t ← f(x_t, s_{t-1})`
     instead of the quasi-Newton one: no scan, and always as finite as the cell.
-    It is meant for `MultipleShooting(solver=DEER(globalise="picard"))`, where the
+    It is `MultipleShooting`'s default chunk solver, where the
     unknowns are chunk entries: the diagonal of a chunk map's Jacobian is a
     product of `L` step diagonals, which explodes or vanishes, while the Picard
     step moves every entry to its predecessor's exact chunk end
