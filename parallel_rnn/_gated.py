@@ -114,6 +114,11 @@ def step_products(weight: Float[Array, "Km m"], D: int):
     # The weight product as a dot even for small D: inside a scan step on CPU it
     # measured faster than a multiply and a row sum (D = 16, T = 1e5: 10.5 ms
     # against 31 ms for the whole scan; the dense scan's step takes 18 ms).
+    # Tried and left out: `δ[:m]ᵀ Wᵀ` (a row times the pre-transposed weight),
+    # 10-15% faster for the whole scan (GRU D = 16, 64; LSTM flat 32, 128), but
+    # its other summation order changed DEER's iteration count on an expanding
+    # GRU (experiments.convergence --quick, gru_unstable: 82 -> 97; 138 -> 145 at
+    # D = 32); and unrolling the scan (unroll = 2..16), 1.5-3x slower on XLA:CPU.
     weight_t = weight.T
 
     def matvec(coeffs, blocks, x):

@@ -45,16 +45,23 @@ def _point(state_fn, key):
     return x, state_fn(k2)
 
 
-_EQX = {
-    "gru": (
-        lambda: eqx.nn.GRUCell(M, 5, key=jax.random.key(0), dtype=jnp.float64),
-        lambda k: jax.random.normal(k, (5,), jnp.float64),
-    ),
-    "lstm": (
-        lambda: eqx.nn.LSTMCell(M, 4, key=jax.random.key(1), dtype=jnp.float64),
-        lambda k: tuple(jax.random.normal(k, (2, 4), jnp.float64)),
-    ),
-}
+def _gru(hidden):
+    return (
+        lambda: eqx.nn.GRUCell(M, hidden, key=jax.random.key(0), dtype=jnp.float64),
+        lambda k: jax.random.normal(k, (hidden,), jnp.float64),
+    )
+
+
+def _lstm(hidden):
+    return (
+        lambda: eqx.nn.LSTMCell(M, hidden, key=jax.random.key(1), dtype=jnp.float64),
+        lambda k: tuple(jax.random.normal(k, (2, hidden), jnp.float64)),
+    )
+
+
+# The closed forms write the recurrent product one way below `D = 32` and the
+# other from 32 on (`cells._rnn._recurrent`): both sizes are checked.
+_EQX = {"gru": _gru(5), "lstm": _lstm(4), "gru-wide": _gru(32), "lstm-wide": _lstm(32)}
 
 
 @pytest.mark.parametrize("kind", sorted(_EQX))
@@ -73,19 +80,19 @@ def test_equinox_cells_closed_forms_equal_jacfwd(kind):
             dense=rule.value_and_jacobian(cell, x, s),
             diag=rule.value_and_diagonal(cell, x, s),
         )
-        if kind == "lstm":
+        if kind.startswith("lstm"):
             out["blocks"] = rule.value_and_blocks(cell, x, s)
         return out
 
     for key in jax.random.split(jax.random.key(7), 3):
         out = evaluate(*_point(state_fn, key))
         J = out["J"]
-        for name in ("dense", "diag") + (("blocks",) if kind == "lstm" else ()):
+        for name in ("dense", "diag") + (("blocks",) if kind.startswith("lstm") else ()):
             assert max_abs_diff(out[name][0], out["value"]) < 1e-12
         np.testing.assert_allclose(out["dense"][1], J, atol=1e-12, rtol=0)
         flat_diag = jax.flatten_util.ravel_pytree(out["diag"][1])[0]
         np.testing.assert_allclose(flat_diag, jnp.diag(J), atol=1e-12, rtol=0)
-        if kind == "lstm":
+        if kind.startswith("lstm"):
             np.testing.assert_allclose(out["blocks"][1], dense_to_blocks(J, 2), atol=1e-12, rtol=0)
 
 
@@ -401,7 +408,7 @@ _WRAPPERS = {"gru": cells.GRU, "lstm": cells.LSTM}
 def test_gated_jacobian_dense_diagonal_and_products_equal_jacfwd(kind):
     make, state_fn = _EQX[kind]
     cell = make()
-    both = (cell, _WRAPPERS[kind].wrap(cell))
+    both = (cell, _WRAPPERS[kind.split("-")[0]].wrap(cell))
     rules = [jacobian_rule(c) for c in both]
     assert all(rule.value_and_gated is not None for rule in rules)
 

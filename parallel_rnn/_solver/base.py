@@ -101,9 +101,10 @@ def safeguard(
       by induction), so nothing non-finite ever reaches the next linearisation.
     """
     t = time_index(proposal.shape[0])[:, None]  # global time when sequence-sharded
-    bad = ~jnp.all(jnp.isfinite(proposal), axis=1, keepdims=True) | jnp.any(
-        jnp.abs(proposal) > _explosion_bound(proposal.dtype), axis=1, keepdims=True
-    )
+    # One reduction: `|x| <= bound` is false for inf and NaN as well (two, with a
+    # separate `isfinite`, cost a second pass over the proposal, 0.1 cell evaluations).
+    ok = jnp.abs(proposal) <= _explosion_bound(proposal.dtype)
+    bad = ~jnp.all(ok, axis=1, keepdims=True)
     out = jnp.where(bad | (t < frontier), iterate.states, proposal)
     exact = jnp.where(jnp.isfinite(iterate.fs), iterate.fs, iterate.states)
     return jnp.where(t == frontier, exact, out)

@@ -28,6 +28,15 @@ def _block_diagonals(weight: Array, blocks: int) -> list[Array]:
     return [jnp.diagonal(w) for w in jnp.split(weight, blocks)]
 
 
+def _recurrent(weight: Float[Array, "KD D"], h: Float[Array, " D"]) -> Float[Array, " KD"]:
+    """`weight @ h`, written as `h @ weightᵀ` from `D = 32` on.
+
+    Batched over time (`vmap`) the second form gives a time-major `(T, K·D)`
+    product; `DEER`'s iteration on the GRU and the LSTM then took 10-20% less
+    at `D = 64` on XLA:CPU, and 5-13% more at `D = 16` (the same products)."""
+    return h @ weight.T if h.shape[-1] >= 32 else weight @ h
+
+
 def _diag(v: Float[Array, " D"]) -> Float[Array, "D D"]:
     """`jnp.diag(v)` as a product with the identity, which XLA fuses into its consumer."""
     return v[:, None] * jnp.eye(v.shape[0], dtype=v.dtype)
@@ -129,7 +138,7 @@ def _gru_coefficients(cell: eqx.nn.GRUCell, input_t, h):
     bias = cell.bias if cell.use_bias else 0
     bias_n = cell.bias_n if cell.use_bias else 0
     i_r, i_z, i_n = jnp.split(cell.weight_ih @ input_t + bias, 3)
-    h_r, h_z, h_n = jnp.split(cell.weight_hh @ h, 3)
+    h_r, h_z, h_n = jnp.split(_recurrent(cell.weight_hh, h), 3)
     r = jax.nn.sigmoid(i_r + h_r)
     z = jax.nn.sigmoid(i_z + h_z)
     c_n = h_n + bias_n  # pyright: ignore[reportOperatorIssue]
@@ -229,7 +238,7 @@ def _lstm_coefficients(cell: eqx.nn.LSTMCell, input_t, state):
     `∂h'/∂h = diag(a_o) W_o + diag(κ) ∂c'/∂h`, `∂h'/∂c = diag(κ f)`,
     `∂c'/∂c = diag(f)`, with `κ = o (1 - tanh² c')`."""
     h, c = state
-    lin = cell.weight_ih @ input_t + cell.weight_hh @ h
+    lin = cell.weight_ih @ input_t + _recurrent(cell.weight_hh, h)
     if cell.use_bias:
         lin = lin + cell.bias
     i, f, g, o = jnp.split(lin, 4)
