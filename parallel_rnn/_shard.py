@@ -155,7 +155,9 @@ def time_min(x: Array) -> Array:
 
 def cumulative_max(x: Float[Array, " L"], reverse: bool = False) -> Float[Array, " L"]:
     """Running maximum along the whole (possibly sharded) time axis; `reverse`: from the end."""
-    local = lax.cummax(x, axis=0, reverse=reverse)
+    # An associative scan of `maximum`: 2-4x faster than `lax.cummax` on XLA:CPU
+    # (37 against 70-150 us at T = 1e4), and max is exact, so the same result.
+    local = lax.associative_scan(jnp.maximum, x, reverse=reverse, axis=0)
     axis = sequence_axis()
     if axis is None:
         return local
