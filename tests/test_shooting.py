@@ -22,9 +22,20 @@ ERR = {jnp.float32: 1e-4, jnp.float64: 1e-9}
         (prnn.MultipleShooting(chunk=7, solver=prnn.QuasiDEER()), jnp.float64),
         (prnn.MultipleShooting(chunk=16, solver=prnn.ELK()), jnp.float32),
         (prnn.MultipleShooting(chunk=12, solver=prnn.DEER(globalise="picard")), jnp.float32),
+        (prnn.MultipleShooting(chunk=10, rank=3), jnp.float32),
+        (prnn.MultipleShooting(chunk=10, rank=3), jnp.float64),
         (prnn.DEER(globalise="picard"), jnp.float64),
     ],
-    ids=["DEER-f32", "DEER-f64", "QuasiDEER-L7-f64", "ELK-L16-f32", "picard-L12-f32", "picard"],
+    ids=[
+        "DEER-f32",
+        "DEER-f64",
+        "QuasiDEER-L7-f64",
+        "ELK-L16-f32",
+        "picard-L12-f32",
+        "rank3-f32",
+        "rank3-f64",
+        "picard",
+    ],  # fmt: skip
 )
 def test_matches_sequential_scan_on_a_pytree_state(solver, dtype):
     cell, xs, s0 = lstm_problem(dtype, T)
@@ -35,17 +46,48 @@ def test_matches_sequential_scan_on_a_pytree_state(solver, dtype):
     assert max_abs_diff(sol.states, scan_reference(cell, xs, s0)) < ERR[dtype]
 
 
-@pytest.mark.parametrize("globalise", [True, False, "picard"])
-def test_at_most_p_iterations_on_a_chaotic_cell(globalise):
+@pytest.mark.parametrize(
+    "globalise, rank", [(True, None), (False, None), ("picard", None), ("picard", 2)]
+)
+def test_at_most_p_iterations_on_a_chaotic_cell(globalise, rank):
     # weight_hh x 6: an unstable GRU whose Newton steps explode from a cold start.
     cell, xs, s0 = gru_problem(jnp.float64, T, scale=6.0)
     L = 8
     P = -(-T // L)  # the last chunk is padded
-    solver = prnn.MultipleShooting(chunk=L, solver=prnn.DEER(globalise=globalise))
+    solver = prnn.MultipleShooting(chunk=L, solver=prnn.DEER(globalise=globalise), rank=rank)
     sol = prnn.solve_parallel(cell, xs, s0, solver, max_steps=P)
     assert bool(sol.converged) and 1 <= int(sol.num_steps) <= P
     assert bool(jnp.all(jnp.isfinite(sol.states)))
     assert max_abs_diff(sol.states, scan_reference(cell, xs, s0)) < 1e-9
+
+
+def test_low_rank_chunk_jacobian_is_exact_up_to_its_rank_and_a_projection_beyond():
+    # f(x, s) = tanh(U V s + x): every step's Jacobian, hence the chunk map's, has
+    # rank <= 2, so two probes recover it exactly (float64, jacfwd as the oracle).
+    from parallel_rnn._problem import FlatCell, Problem, make_spec  # noqa: PLC0415
+    from parallel_rnn._solver.shooting import _ChunkMap, _step_diagonal  # noqa: PLC0415
+
+    D, L, k = 6, 9, 2
+    ku, kv, kx, ks = jax.random.split(jax.random.key(3), 4)
+    U = jax.random.normal(ku, (D, k), jnp.float64)
+    V = jax.random.normal(kv, (k, D), jnp.float64)
+    xs = jax.random.normal(kx, (L, D), jnp.float64)
+    s0 = 0.3 * jax.random.normal(ks, (D,), jnp.float64)
+    flat = FlatCell(lambda x, s: jnp.tanh(U @ (V @ s) + x), None, make_spec(s0))
+    chunk = _ChunkMap(flat, _step_diagonal(Problem(flat, xs, s0)))
+    exact = jax.jacfwd(lambda e: chunk(xs, e))(s0)
+    for r, probes_key in [(2, 5), (4, 6)]:
+        probes = jax.random.normal(jax.random.key(probes_key), (D, r), jnp.float64)
+        end, approx = chunk.value_and_low_rank_jacobian(xs, s0, probes)
+        assert max_abs_diff(end, chunk(xs, s0)) < 1e-14
+        assert max_abs_diff(approx, exact) < 1e-12
+    # Rank 1 of a rank-2 map: an orthogonal projection of J, so never closer than
+    # its second singular value (Eckart-Young), and no further than J itself.
+    probes = jax.random.normal(jax.random.key(7), (D, 1), jnp.float64)
+    _, approx = chunk.value_and_low_rank_jacobian(xs, s0, probes)
+    sigma = jnp.linalg.svd(exact, compute_uv=False)
+    gap = jnp.linalg.norm(approx - exact, 2)
+    assert sigma[1] * (1 - 1e-9) <= gap <= sigma[0]
 
 
 def test_one_chunk_is_the_sequential_scan():
@@ -87,6 +129,8 @@ def test_gradient_equals_bptt():
 def test_bad_options_fail_at_construction():
     with pytest.raises(ValueError, match="`chunk`"):
         prnn.MultipleShooting(chunk=0)
+    with pytest.raises(ValueError, match="`rank`"):
+        prnn.MultipleShooting(rank=0)
     with pytest.raises(TypeError, match="`solver`"):
         prnn.MultipleShooting(solver=prnn.MultipleShooting())
     with pytest.raises(ValueError, match="`globalise`"):
