@@ -64,7 +64,14 @@ def test_forward_mode_is_really_refused_for_this_cell():
 
 @pytest.mark.parametrize(
     "solver",
-    [prnn.DEER(), prnn.QuasiDEER(), prnn.ELK(), prnn.QuasiELK(), prnn.BlockQuasiDEER()],
+    [
+        prnn.DEER(),
+        prnn.QuasiDEER(),
+        prnn.ELK(),
+        prnn.QuasiELK(),
+        prnn.BlockQuasiDEER(),
+        prnn.MultipleShooting(chunk=5, rank=2),  # no tangents: exact chunk Jacobians by VJPs
+    ],  # fmt: skip
     ids=lambda s: type(s).__name__,
 )
 def test_solvers_on_custom_vjp_cell_match_scan(solver):
