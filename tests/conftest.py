@@ -24,3 +24,22 @@ def _fresh_compilation_caches():
     """
     yield
     jax.clear_caches()
+
+
+def pytest_collection_finish(session):
+    """Queue the subprocess jobs of the selected tests and start running them
+    (`tests/background.py`): on two cores they overlap the in-process tests."""
+    from .background import RUNNER
+
+    for item in session.items:
+        jobs = getattr(getattr(item, "module", None), "background_jobs", None)
+        if jobs is not None:
+            for key, job in jobs(item):
+                RUNNER.add(key, job)
+    RUNNER.start()
+
+
+def pytest_sessionfinish(session):
+    from .background import RUNNER
+
+    RUNNER.close()
