@@ -70,12 +70,15 @@ def run_case(
     seed: int,
     solvers: Sequence[tuple[str, prnn.AbstractSolver]],
     curves: Sequence[str] = CURVE_SOLVERS,
+    curve_points: int | None = None,
     rtol=None,
     atol=None,
     steps: int | None = None,
     cache: Path | None = None,
 ):
-    """Measure every solver on one trained case. Returns (rows, residual rows, error rows)."""
+    """Measure every solver on one trained case. Returns (rows, residual rows, error rows).
+    `curve_points` thins each error curve to that many iteration counts (the first and
+    last always among them; each point is one more compiled solve)."""
     kwargs = {} if cache is None else {"cache": cache}
     cell, xs, s0, meta = load_case(name, T=T, quick=quick, seed=seed, steps=steps, **kwargs)
     reference = prnn.solve_sequential(cell, xs, s0)
@@ -97,6 +100,9 @@ def run_case(
         for label in chosen:
             last = next(r["iterations"] for r in rows if r["solver"] == label)
             ks = log_grid(last, per_decade=3 if quick else 6)
+            if curve_points is not None and len(ks) > curve_points:
+                picks = np.linspace(0, len(ks) - 1, max(curve_points, 2)).round().astype(int)
+                ks = sorted({ks[i] for i in picks})
             for e in error_curve(
                 cell, xs, s0, reference, by_label[label], ks, rtol=rtol, atol=atol
             ):
@@ -175,6 +181,7 @@ def run(
     solvers: Sequence[tuple[str, prnn.AbstractSolver]] | None = None,
     lambdas: Sequence[float] = QUICK_LAMBDAS,
     curves: Sequence[str] = CURVE_SOLVERS,
+    curve_points: int | None = None,
     train_steps: int = 0,
     train_length: int = 256,
     rtol=None,
@@ -186,8 +193,8 @@ def run(
     """Measure `solvers` (default: every default solver, the λ sweep and `EXTRA_SOLVERS`)
     on `cases`; write CSV and PNG into `out` (unless None); return the summary rows.
     Error curves are computed for the solvers labelled in `curves` (and the best λ of
-    each sweep; `curves=()` skips them: each point is a re-solve). `train_steps > 0`
-    also runs the BPTT vs `solve_parallel` training comparison."""
+    each sweep; `curves=()` skips them: each point is a re-solve; `curve_points` thins
+    them). `train_steps > 0` also runs the BPTT vs `solve_parallel` training comparison."""
     if solvers is None:
         solvers = default_solvers() + damping_sweep(lambdas) + list(EXTRA_SOLVERS)
     if out is not None:
@@ -196,7 +203,7 @@ def run(
     for name in cases:
         r, res, err = run_case(
             name, T, quick=quick, seed=seed, solvers=solvers, curves=curves,
-            rtol=rtol, atol=atol, steps=steps, cache=cache,
+            curve_points=curve_points, rtol=rtol, atol=atol, steps=steps, cache=cache,
         )  # fmt: skip
         rows += r
         residual_rows += res
@@ -236,7 +243,7 @@ def main(argv=None):
         solvers = [("DEER", prnn.DEER()), *damping_sweep([1e-4])]
         return run(
             ("ar_gru3",), args.T or 60, quick=True, seed=args.seed, solvers=solvers,
-            curves=("DEER",), train_steps=3, train_length=32, out=args.out, steps=5,
+            curves=("DEER",), curve_points=2, train_steps=3, train_length=32, out=args.out, steps=5,
             cache=Path(args.out) / "trained",
         )  # fmt: skip
     return run(

@@ -14,7 +14,6 @@ the seconds each block took); `pytest -m "not docs"` leaves these tests out.
 """
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,8 +89,9 @@ def test_collector_reads_blocks_and_fragments():
 RUNNABLE = [p for p in PAGES if python_blocks(p.read_text())]
 
 
-@pytest.mark.parametrize("page", RUNNABLE, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_page_runs(page: Path):
+def _page_job(page: Path):
+    from .background import Job
+
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["MPLBACKEND"] = "Agg"
@@ -99,14 +99,21 @@ def test_page_runs(page: Path):
         filter(None, [env.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=4"])
     )
     env.pop("JAX_ENABLE_X64", None)
-    done = subprocess.run(
-        [sys.executable, __file__, str(page)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return Job((sys.executable, __file__, str(page)), ROOT, env, timeout=600)
+
+
+def background_jobs(item):
+    """The page a selected `test_page_runs` needs, run ahead (`tests/background.py`)."""
+    if item.originalname == "test_page_runs":
+        page = item.callspec.params["page"]
+        yield f"docs:{page}", _page_job(page)
+
+
+@pytest.mark.parametrize("page", RUNNABLE, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_page_runs(page: Path):
+    from .background import RUNNER
+
+    done = RUNNER.result(f"docs:{page}", _page_job(page))
     assert done.returncode == 0, f"{page.name} failed:\n{done.stdout}\n{done.stderr[-6000:]}"
 
 
