@@ -108,7 +108,7 @@ def measure(name, cell, xs, s0, ranks, reps: int) -> list[dict]:
 
 
 def _smoke_case(T: int):
-    cell = prnn.cells.GRU.wrap(eqx.nn.GRUCell(2, 6, key=jax.random.key(0)))
+    cell = prnn.cells.GRU.wrap(eqx.nn.GRUCell(2, 6, dtype=jnp.float32, key=jax.random.key(0)))
     xs = jax.random.normal(jax.random.key(1), (T, 2), jnp.float32)
     return cell, xs, jnp.zeros(6, jnp.float32)
 

@@ -71,6 +71,17 @@ def test_other_study_smoke(name, tmp_path):
     _run(name, tmp_path, *OTHER_STUDIES[name])
 
 
+def test_shooting_studies_smoke_converge_with_low_rank_and_beside_the_probe(tmp_path):
+    rows, _ = _run("chunk_rank", tmp_path / "rank")
+    assert {r["rank"] for r in rows} == {"exact", 2}
+    for r in rows:
+        assert r["converged"] and r["max_abs_err"] < 1e-4
+        assert r["sv_gt_0.1"] <= r["sv_gt_0.01"] <= r["sv_gt_0.001"] <= r["D"]
+    (row,) = _run("shooting_probe", tmp_path / "probe")[0]
+    assert row["probe_status"] == "converged" and row["ms_converged"]
+    assert row["ms_max_abs_err"] < 1e-4
+
+
 def test_soak_smoke_compiles_every_case_without_error(tmp_path):
     rows, _ = _run("soak", tmp_path)
     assert all(r["status"] == "ok" for r in rows), rows
