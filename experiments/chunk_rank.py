@@ -80,6 +80,19 @@ def _max_err(a, b) -> float:
     )
 
 
+def timed_solve(cell, xs, s0, solver, reps: int) -> tuple[prnn.Solution, float]:
+    """`solve_parallel`'s solution (`throw=False`) and its best time over `reps`
+    calls after compilation."""
+    solve = jax.jit(lambda xs, s0: prnn.solve_parallel(cell, xs, s0, solver, throw=False))
+    sol = jax.block_until_ready(solve(xs, s0))
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(solve(xs, s0))
+        best = min(best, time.perf_counter() - t0)
+    return sol, best
+
+
 def measure(name, cell, xs, s0, ranks, reps: int) -> list[dict]:
     T = jax.tree_util.tree_leaves(xs)[0].shape[0]
     ref = jax.jit(lambda xs, s0: prnn.solve_sequential(cell, xs, s0))(xs, s0)
@@ -89,15 +102,7 @@ def measure(name, cell, xs, s0, ranks, reps: int) -> list[dict]:
     counts = {f"sv_gt_{t:g}": int((sv > t).sum(1).max()) for t in THRESHOLDS}
     rows = []
     for rank in (None, *ranks):
-        solver = prnn.MultipleShooting(rank=rank)
-        solve = jax.jit(lambda xs, s0, solver=solver: prnn.solve_parallel(
-            cell, xs, s0, solver, throw=False))  # fmt: skip
-        sol = jax.block_until_ready(solve(xs, s0))
-        best = math.inf
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(solve(xs, s0))
-            best = min(best, time.perf_counter() - t0)
+        sol, best = timed_solve(cell, xs, s0, prnn.MultipleShooting(rank=rank), reps)
         rows.append(dict(
             case=name, T=T, D=D, L=L, rank="exact" if rank is None else rank,
             num_steps=int(sol.num_steps), converged=bool(sol.converged), time_s=best,

@@ -20,9 +20,6 @@ compilation, best of `--reps`) and `shooting_probe.png`
 (iterations against `T`). `--smoke` runs a small untrained GRU (seconds).
 """
 
-import math
-import time
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -31,7 +28,7 @@ import parallel_rnn as prnn
 from parallel_rnn._solver.shooting import default_chunk
 
 from ._common import by_mode, format_table, parse, pyplot, save_figure, write_csv
-from .chunk_rank import _flat, _max_err, _smoke_case, case_parser
+from .chunk_rank import _flat, _max_err, _smoke_case, case_parser, timed_solve
 
 
 DEFAULT_CASES = ("ar_gru3:2", "ar_gru16:0", "ar_gru16:1", "ar_gru16:2", "ar_lstm:1", "ar_lstm:2")
@@ -86,14 +83,7 @@ def measure(name, cell, xs, s0, max_steps: int, reps: int) -> dict:
     fn, ravel = _flat(cell, s0)
     steps, status = probe(fn, xs, ravel(s0), L, max_steps)
     ref = jax.jit(lambda xs, s0: prnn.solve_sequential(cell, xs, s0))(xs, s0)
-    solve = jax.jit(lambda xs, s0: prnn.solve_parallel(
-        cell, xs, s0, prnn.MultipleShooting(), throw=False))  # fmt: skip
-    sol = jax.block_until_ready(solve(xs, s0))
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(solve(xs, s0))
-        best = min(best, time.perf_counter() - t0)
+    sol, best = timed_solve(cell, xs, s0, prnn.MultipleShooting(), reps)
     row = dict(
         case=name, T=T, L=L, probe_steps=steps, probe_status=status,
         ms_steps=int(sol.num_steps), ms_converged=bool(sol.converged),
