@@ -97,13 +97,14 @@ def test_one_chunk_is_the_sequential_scan():
     assert max_abs_diff(sol.states, scan_reference(cell, xs, s0)) < 1e-12
 
 
-def test_jit_and_vmap_give_each_sequence_its_own_answer():
+@pytest.mark.parametrize("rank", [None, 2])
+def test_jit_and_vmap_give_each_sequence_its_own_answer(rank):
     cell, xs, s0 = gru_problem(jnp.float32, T)
     batch = jnp.stack([xs, 3 * xs[::-1], 0.1 * xs])
 
     @jax.jit
     def solve(x):
-        return prnn.solve_parallel(cell, x, s0, prnn.MultipleShooting(chunk=9)).states
+        return prnn.solve_parallel(cell, x, s0, prnn.MultipleShooting(chunk=9, rank=rank)).states
 
     out = jax.vmap(solve)(batch)
     for i in range(batch.shape[0]):
