@@ -64,8 +64,8 @@ def test_at_most_p_iterations_on_a_chaotic_cell(globalise, rank):
 def test_low_rank_chunk_jacobian_is_exact_up_to_its_rank_and_a_projection_beyond():
     # f(x, s) = tanh(U V s + x): every step's Jacobian, hence the chunk map's, has
     # rank <= 2, so two probes recover it exactly (float64, jacfwd as the oracle).
-    from parallel_rnn._problem import FlatCell, Problem, make_spec  # noqa: PLC0415
-    from parallel_rnn._solver.shooting import _ChunkMap, _step_diagonal  # noqa: PLC0415
+    from parallel_rnn._problem import FlatCell, make_spec  # noqa: PLC0415
+    from parallel_rnn._solver.shooting import _ChunkMap  # noqa: PLC0415
 
     D, L, k = 6, 9, 2
     ku, kv, kx, ks = jax.random.split(jax.random.key(3), 4)
@@ -74,17 +74,16 @@ def test_low_rank_chunk_jacobian_is_exact_up_to_its_rank_and_a_projection_beyond
     xs = jax.random.normal(kx, (L, D), jnp.float64)
     s0 = 0.3 * jax.random.normal(ks, (D,), jnp.float64)
     flat = FlatCell(lambda x, s: jnp.tanh(U @ (V @ s) + x), None, make_spec(s0))
-    chunk = _ChunkMap(flat, _step_diagonal(Problem(flat, xs, s0)))
+    probed = lambda key, r: _ChunkMap(flat, None, jax.random.normal(key, (D, r), jnp.float64))
+    chunk = probed(jax.random.key(5), 2)
     exact = jax.jacfwd(lambda e: chunk(xs, e))(s0)
     for r, probes_key in [(2, 5), (4, 6)]:
-        probes = jax.random.normal(jax.random.key(probes_key), (D, r), jnp.float64)
-        end, approx = chunk.value_and_low_rank_jacobian(xs, s0, probes)
+        end, approx = probed(jax.random.key(probes_key), r).value_and_low_rank_jacobian(xs, s0)
         assert max_abs_diff(end, chunk(xs, s0)) < 1e-14
         assert max_abs_diff(approx, exact) < 1e-12
     # Rank 1 of a rank-2 map: an orthogonal projection of J, so never closer than
     # its second singular value (Eckart-Young), and no further than J itself.
-    probes = jax.random.normal(jax.random.key(7), (D, 1), jnp.float64)
-    _, approx = chunk.value_and_low_rank_jacobian(xs, s0, probes)
+    _, approx = probed(jax.random.key(7), 1).value_and_low_rank_jacobian(xs, s0)
     sigma = jnp.linalg.svd(exact, compute_uv=False)
     gap = jnp.linalg.norm(approx - exact, 2)
     assert sigma[1] * (1 - 1e-9) <= gap <= sigma[0]

@@ -27,6 +27,7 @@ class _ChunkMap(eqx.Module):
 
     fn: FlatCell
     step_diagonal: Any  # (x_t, s) -> diag ∂f/∂s, for the quasi solvers' products
+    probes: Float[Array, "D r"] | None = None  # Ω of `value_and_low_rank_jacobian`
 
     def __call__(self, x_chunk: PyTree, entry: Float[Array, " D"]) -> Float[Array, " D"]:
         end, _ = lax.scan(lambda s, x: (self.fn(x, s), None), entry, x_chunk)
@@ -45,15 +46,17 @@ class _ChunkMap(eqx.Module):
         return prod
 
     def value_and_low_rank_jacobian(
-        self, x_chunk: PyTree, entry: Float[Array, " D"], probes: Float[Array, "D r"]
+        self, x_chunk: PyTree, entry: Float[Array, " D"]
     ) -> tuple[Float[Array, " D"], Float[Array, "D D"]]:
         """The end state and `Q Qᵀ J`, `J` the chunk map's Jacobian and `Q` an
-        orthonormal basis of `J Ω` (`Ω = probes`): the randomized range finder,
-        `r` tangents pushed forward and `r` cotangents pulled back through the
-        chunk instead of `D` tangents. Exact when `J` has rank `≤ r`; otherwise
-        off by about the `(r+1)`-th singular value of `J`."""
+        orthonormal basis of `J Ω` (`Ω = self.probes`): the randomized range
+        finder, `r` tangents pushed forward and `r` cotangents pulled back through
+        the chunk instead of `D` tangents. Exact when `J` has rank `≤ r`;
+        otherwise an orthogonal projection of `J`, off by at least its `(r+1)`-th
+        singular value (by a small multiple of it, typically)."""
+        assert self.probes is not None
         end, jvp = jax.linearize(lambda e: self(x_chunk, e), entry)
-        basis, _ = jnp.linalg.qr(jax.vmap(jvp, in_axes=1, out_axes=1)(probes))
+        basis, _ = jnp.linalg.qr(jax.vmap(jvp, in_axes=1, out_axes=1)(self.probes))
         vjp = jax.linear_transpose(jvp, entry)
         rows = jax.vmap(lambda q: vjp(q)[0])(basis.T)  # Qᵀ J, (r, D)
         return end, basis @ rows
@@ -115,8 +118,8 @@ class MultipleShooting(AbstractSolver):
       more iterations). Must not itself be a `MultipleShooting`.
     - `rank`: `None` (default) for the chunk maps' exact Jacobians (`D` tangents
       pushed through each chunk); an integer `r < D` for a rank-`r` approximation
-      by the randomized range finder (`r` tangents forward and `r` cotangents back:
-      about `3r` passes of the cell instead of `D`). Newton on the chunk
+      by the randomized range finder (`r` tangents forward and `r` cotangents back
+      instead of `D` tangents). Newton on the chunk
       recurrence then converges as with the exact Jacobians when the chunk maps'
       Jacobians have numerical rank `≤ r` (autoregressive models: 1-2 at
       `L = 128`; trained LSTMs: about the number of cell states still
@@ -163,19 +166,18 @@ class MultipleShooting(AbstractSolver):
         return L, -(-T // L)
 
     def _coarse(self, problem: Problem, L: int, P: int) -> Problem:
-        chunk_map = _ChunkMap(problem.fn, _step_diagonal(problem))
         D = problem.init.shape[0]
-        low_rank = None
+        probes = None
         if self.rank is not None and self.rank < D and problem.fn.forward_mode:
             # Fixed Gaussian probes: the solve stays deterministic, and a fresh
             # draw per iteration would not help (the range of `J Ω` is what counts).
             probes = jax.random.normal(jax.random.key(0), (D, self.rank), problem.init.dtype)
-            low_rank = _LowRank(chunk_map, probes)
+        chunk_map = _ChunkMap(problem.fn, _step_diagonal(problem), probes)
         flat = FlatCell(
             chunk_map,
             chunk_map.diagonal,
             make_spec(problem.init),
-            value_and_jac=low_rank,
+            value_and_jac=None if probes is None else chunk_map.value_and_low_rank_jacobian,
             forward_mode=problem.fn.forward_mode,
         )
         return Problem(flat, _chunked_inputs(problem.inputs, P, L), problem.init)
@@ -227,16 +229,6 @@ class MultipleShooting(AbstractSolver):
         at_starts = jax.vmap(fn)(first_inputs, trajs[:-1, -1])
         fs = trajs.at[1:, 0].set(at_starts).reshape(P * L, D)[:T]
         return Iterate(states, fs, inner)
-
-
-class _LowRank(eqx.Module):
-    """`value_and_jac` of the chunk cell: `_ChunkMap.value_and_low_rank_jacobian`."""
-
-    chunk_map: _ChunkMap
-    probes: Float[Array, "D r"]
-
-    def __call__(self, x_chunk: PyTree, entry: Float[Array, " D"]):
-        return self.chunk_map.value_and_low_rank_jacobian(x_chunk, entry, self.probes)
 
 
 def _chunked_inputs(inputs, P: int, L: int):
