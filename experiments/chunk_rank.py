@@ -26,12 +26,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 import parallel_rnn as prnn
-from parallel_rnn._solver.shooting import default_chunk
+from parallel_rnn._problem import FlatCell, make_spec
+from parallel_rnn._solver.shooting import _ChunkMap, default_chunk
 
 from ._common import by_mode, format_table, number, parse, parser, pyplot, save_figure, write_csv
+from ._measure import errors
 
 
 DEFAULT_CASES = (
@@ -41,43 +42,26 @@ DEFAULT_CASES = (
 THRESHOLDS = (1e-1, 1e-2, 1e-3)
 
 
-def _flat(cell, s0):
-    leaves, tree = jax.tree_util.tree_flatten(s0)
-    sizes = [leaf.size for leaf in leaves]
-
-    def unravel(v):
-        parts = jnp.split(v, np.cumsum(sizes)[:-1])
-        return tree.unflatten([p.reshape(leaf.shape) for p, leaf in zip(parts, leaves)])
-
-    def ravel(s):
-        return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree_util.tree_leaves(s)])
-
-    return (lambda x, v: ravel(cell(x, unravel(v)))), ravel
+def flat_cell(cell, s0) -> FlatCell:
+    """`cell` on flat `(D,)` states (`.spec.ravel` flattens a state pytree)."""
+    return FlatCell(cell, None, make_spec(s0))
 
 
 def chunk_singular_values(cell, xs, s0, states, L: int, chunks: int = 3) -> np.ndarray:
     """Singular values `(chunks, D)` of the chunk maps' Jacobians (`jacfwd`) at
     `chunks` chunks spread over the sequential trajectory `states`."""
-    fn, ravel = _flat(cell, s0)
-    flat_states = jax.vmap(ravel)(states)
+    fn = flat_cell(cell, s0)
+    flat_states = jax.vmap(fn.spec.ravel)(states)
     T = flat_states.shape[0]
     P = T // L
-
-    def chunk_map(entry, x_chunk):
-        return lax.scan(lambda s, x: (fn(x, s), None), entry, x_chunk)[0]
+    chunk_map = _ChunkMap(fn, None)  # (x_chunk, entry) -> the end state
 
     out = []
     for k in np.linspace(1, P - 1, chunks).astype(int):
         x_chunk = jax.tree_util.tree_map(lambda a, k=k: a[k * L : (k + 1) * L], xs)
-        jac = jax.jacfwd(chunk_map)(flat_states[k * L - 1], x_chunk)
+        jac = jax.jacfwd(chunk_map, argnums=1)(x_chunk, flat_states[k * L - 1])
         out.append(np.linalg.svd(np.asarray(jac, np.float64), compute_uv=False))
     return np.array(out)
-
-
-def _max_err(a, b) -> float:
-    return max(
-        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    )
 
 
 def timed_solve(cell, xs, s0, solver, reps: int) -> tuple[prnn.Solution, float]:
@@ -106,7 +90,7 @@ def measure(name, cell, xs, s0, ranks, reps: int) -> list[dict]:
         rows.append(dict(
             case=name, T=T, D=D, L=L, rank="exact" if rank is None else rank,
             num_steps=int(sol.num_steps), converged=bool(sol.converged), time_s=best,
-            max_abs_err=_max_err(sol.states, ref), **counts,
+            max_abs_err=errors(sol.states, ref)[0], **counts,
         ))  # fmt: skip
         print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     return rows

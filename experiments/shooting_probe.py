@@ -28,7 +28,8 @@ import parallel_rnn as prnn
 from parallel_rnn._solver.shooting import default_chunk
 
 from ._common import by_mode, format_table, parse, pyplot, save_figure, write_csv
-from .chunk_rank import _flat, _max_err, _smoke_case, case_parser, timed_solve
+from ._measure import errors
+from .chunk_rank import _smoke_case, case_parser, flat_cell, timed_solve
 
 
 DEFAULT_CASES = ("ar_gru3:2", "ar_gru16:0", "ar_gru16:1", "ar_gru16:2", "ar_lstm:1", "ar_lstm:2")
@@ -80,14 +81,14 @@ def probe(fn, xs, s0, L: int, max_steps: int) -> tuple[int, str]:
 def measure(name, cell, xs, s0, max_steps: int, reps: int) -> dict:
     T = jax.tree_util.tree_leaves(xs)[0].shape[0]
     L = default_chunk(T)
-    fn, ravel = _flat(cell, s0)
-    steps, status = probe(fn, xs, ravel(s0), L, max_steps)
+    fn = flat_cell(cell, s0)
+    steps, status = probe(fn, xs, fn.spec.ravel(s0), L, max_steps)
     ref = jax.jit(lambda xs, s0: prnn.solve_sequential(cell, xs, s0))(xs, s0)
     sol, best = timed_solve(cell, xs, s0, prnn.MultipleShooting(), reps)
     row = dict(
         case=name, T=T, L=L, probe_steps=steps, probe_status=status,
         ms_steps=int(sol.num_steps), ms_converged=bool(sol.converged),
-        ms_max_abs_err=_max_err(sol.states, ref), ms_time_s=best,
+        ms_max_abs_err=errors(sol.states, ref)[0], ms_time_s=best,
     )  # fmt: skip
     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return row
